@@ -1,0 +1,125 @@
+"""Req (one request's state) and ScheduleBatch (the scheduler's view of a batch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from radixserve.sampling_params import SamplingParams
+
+
+class Req:
+    """One request from admission to finish.
+
+    KV bookkeeping: `prefix_indices` are the KV slots of the tokens already in the KV
+    pool for this request (matched from the radix cache, or computed by earlier chunks);
+    `fill_ids` are the tokens that should be in the KV pool after the next forward; the
+    forward computes `fill_ids[len(prefix_indices):]`.
+    """
+
+    def __init__(self, rid: str, origin_input_ids: list[int], sampling_params: SamplingParams,
+                 origin_input_text: str | None = None, return_logprob: bool = False,
+                 logprob_start_len: int = -1, top_logprobs_num: int = 0,
+                 stream: bool = False, eos_token_ids: set[int] | None = None) -> None:
+        self.rid = rid
+        self.origin_input_text = origin_input_text
+        self.origin_input_ids = list(origin_input_ids)
+        self.sampling_params = sampling_params
+        self.return_logprob = return_logprob
+        self.logprob_start_len = logprob_start_len
+        self.top_logprobs_num = top_logprobs_num
+        self.stream = stream
+        self.eos_token_ids = eos_token_ids or set()
+
+        self.output_ids: list[int] = []
+        self.fill_ids: list[int] = []
+        self.prefix_indices: torch.Tensor = torch.empty(0, dtype=torch.int64)
+        self.extend_input_len = 0
+        self.last_node: Any = None  # radix-tree node locked by this request
+        self.req_pool_idx: int | None = None
+        # Positions [0, kv_committed_len) of this request have KV in the pool, with
+        # their slots in req_to_token[req_pool_idx]. After each forward it equals
+        # len(fill_ids); while decoding that is seqlen - 1 (the newest token has none).
+        self.kv_committed_len = 0
+        # Number of prompt tokens whose KV was reused from the cache (first match only).
+        self.cached_tokens = 0
+        self._cached_tokens_set = False
+        # True while the prompt is being prefilled over several chunks.
+        self.is_chunked = False
+        self.finished_reason: dict[str, Any] | None = None
+        self.to_abort = False
+        self.num_retractions = 0
+
+        # Logprob state (only filled when return_logprob).
+        self.output_token_logprobs: list[tuple[float, int]] = []
+        self.output_top_logprobs: list[list[tuple[float, int]]] = []
+        self.input_token_logprobs: list[tuple[float | None, int]] | None = None
+        self.input_top_logprobs: list[list[tuple[float, int]] | None] | None = None
+        # How much output has been sent to the detokenizer already.
+        self.sent_offset = 0
+        self.sent_logprob_offset = 0
+        self.sent_input_logprobs = False
+
+    # --- state -------------------------------------------------------------------
+
+    @property
+    def seqlen(self) -> int:
+        return len(self.origin_input_ids) + len(self.output_ids)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.origin_input_ids + self.output_ids
+
+    def finished(self) -> bool:
+        return self.finished_reason is not None
+
+    def init_next_round_input(self, tree_cache: Any | None = None) -> None:
+        """Set fill_ids to every token and, if given a cache, re-match the prefix."""
+        self.fill_ids = self.all_ids
+        if tree_cache is not None:
+            # The last token must always be computed so that it yields logits.
+            match = tree_cache.match_prefix(self.fill_ids[:-1] if self.fill_ids else [])
+            self.prefix_indices = match.device_indices
+            self.last_node = match.last_node
+            if self.return_logprob and self.logprob_start_len >= 0:
+                # Prompt logprobs need the logits of those positions: do not reuse them.
+                keep = min(len(self.prefix_indices), self.logprob_start_len)
+                keep -= keep % tree_cache.page_size
+                self.prefix_indices = self.prefix_indices[:keep]
+        self.extend_input_len = len(self.fill_ids) - len(self.prefix_indices)
+
+    def reset_for_retract(self) -> None:
+        self.prefix_indices = torch.empty(0, dtype=torch.int64)
+        self.last_node = None
+        self.req_pool_idx = None
+        self.kv_committed_len = 0
+        self.fill_ids = []
+        self.extend_input_len = 0
+        self.is_chunked = False
+        self.num_retractions += 1
+
+    def __repr__(self) -> str:
+        return (f"Req(rid={self.rid}, input={len(self.origin_input_ids)}, "
+                f"output={len(self.output_ids)}, prefix={len(self.prefix_indices)})")
+
+
+@dataclass
+class ScheduleBatch:
+    """A list of requests run together in one forward, and their new KV slots."""
+
+    reqs: list[Req]
+    forward_mode: Any  # ForwardMode
+    # Set by the scheduler when it prepares the batch:
+    out_cache_loc: torch.Tensor | None = None
+    # Number of leading reqs that are decodes in a MIXED batch (0 otherwise).
+    num_decode_reqs: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.reqs)
+
+    def is_empty(self) -> bool:
+        return not self.reqs
