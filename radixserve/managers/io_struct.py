@@ -99,3 +99,23 @@ class BatchStrOut:
     output_top_logprobs: list[list[list[tuple[float, int]]] | None]
     input_token_logprobs: list[list[tuple[float | None, int]] | None]
     input_top_logprobs: list[list[list[tuple[float, int]] | None] | None]
+
+
+@dataclass
+class FlushCacheReqOutput:
+    """The scheduler's answer to FlushCacheReq (False while requests are running)."""
+
+    success: bool
+
+
+@dataclass
+class RegisterStopStrsReq:
+    """Tells the detokenizer a request's stop strings before its first output.
+
+    The server's scheduler process forwards it on the same socket as the token
+    outputs, so it always arrives first; the in-process Engine calls
+    `Detokenizer.register` directly.
+    """
+
+    rid: str
+    stop_strs: list[str]

@@ -43,6 +43,11 @@ class Req:
         # their slots in req_to_token[req_pool_idx]. After each forward it equals
         # len(fill_ids); while decoding that is seqlen - 1 (the newest token has none).
         self.kv_committed_len = 0
+        # KV slot of position kv_committed_len - 1 (after a batch is prepared: of the
+        # newest allocated position), so that paged allocation can fill the last page.
+        self.last_loc = -1
+        # KV slots allocated for this request's tokens in the batch being prepared.
+        self.new_kv_slots: torch.Tensor | None = None
         # Number of prompt tokens whose KV was reused from the cache (first match only).
         self.cached_tokens = 0
         self._cached_tokens_set = False
@@ -61,6 +66,9 @@ class Req:
         self.sent_offset = 0
         self.sent_logprob_offset = 0
         self.sent_input_logprobs = False
+        # Set once every prompt logprob has been computed (a retracted request that is
+        # prefilled again must not compute them twice).
+        self.input_logprobs_done = False
 
     # --- state -------------------------------------------------------------------
 
@@ -85,7 +93,7 @@ class Req:
             self.last_node = match.last_node
             if self.return_logprob and self.logprob_start_len >= 0:
                 # Prompt logprobs need the logits of those positions: do not reuse them.
-                keep = min(len(self.prefix_indices), self.logprob_start_len)
+                keep = min(len(self.prefix_indices), max(self.logprob_start_len - 1, 0))
                 keep -= keep % tree_cache.page_size
                 self.prefix_indices = self.prefix_indices[:keep]
         self.extend_input_len = len(self.fill_ids) - len(self.prefix_indices)
@@ -95,6 +103,7 @@ class Req:
         self.last_node = None
         self.req_pool_idx = None
         self.kv_committed_len = 0
+        self.last_loc = -1
         self.fill_ids = []
         self.extend_input_len = 0
         self.is_chunked = False

@@ -36,6 +36,11 @@ class ReqToTokenPool:
         """Record that positions [start, start + len(slots)) of row idx live in `slots`."""
         self.req_to_token[idx, start:start + len(slots)] = slots.to(torch.int32)
 
+    def write_many(self, rows: torch.Tensor, cols: torch.Tensor, slots: torch.Tensor) -> None:
+        """req_to_token[rows[i], cols[i]] = slots[i], in one scatter."""
+        dev = self.req_to_token.device
+        self.req_to_token[rows.to(dev), cols.to(dev)] = slots.to(dev, torch.int32)
+
     def clear(self) -> None:
         self.free_slots = list(range(self.size))
 

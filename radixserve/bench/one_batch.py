@@ -1,0 +1,207 @@
+"""Static-batch latency: one prefill of `batch` requests, then decode steps.
+
+    python -m radixserve.bench.one_batch --model-path ../shared/model_configs/qwen3-8b \
+        --load-format dummy --batch-size 1 8 32 --input-len 128 --output-len 256 \
+        --floor --compare-hf
+
+Reports prefill latency and throughput, median decode step latency and throughput; with
+--floor, the fraction of the memory floor (decode) and the compute ceiling (prefill)
+measured on this GPU in the same run; with --compare-hf, HF transformers'
+`generate` on the same shapes and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from radixserve.bench.floor import measure_ceilings, model_bytes, model_flops_per_token
+from radixserve.configs.model_config import ModelConfig
+from radixserve.managers.schedule_batch import Req, ScheduleBatch
+from radixserve.model_executor.forward_batch import ForwardMode
+from radixserve.model_executor.model_runner import ModelRunner
+from radixserve.sampling_params import SamplingParams
+from radixserve.server_args import ServerArgs
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _make_reqs(bs: int, input_len: int, vocab: int, seed: int) -> list[Req]:
+    g = torch.Generator().manual_seed(seed)
+    reqs = []
+    for i in range(bs):
+        sp = SamplingParams(temperature=0, max_new_tokens=1 << 20, ignore_eos=True)
+        sp.normalize()
+        ids = torch.randint(0, vocab, (input_len,), generator=g).tolist()
+        req = Req(f"b{i}", ids, sp)
+        req.fill_ids = list(ids)
+        reqs.append(req)
+    return reqs
+
+
+def _alloc(runner: ModelRunner, req: Req, n: int) -> torch.Tensor:
+    cur = req.kv_committed_len
+    last = int(runner.req_to_token_pool.req_to_token[req.req_pool_idx, cur - 1]) if cur else -1
+    slots = runner.token_to_kv_pool_allocator.alloc_for_seq(last, cur, n)
+    if slots is None:
+        raise RuntimeError("KV pool too small for this batch; lower --batch-size or lengths")
+    runner.req_to_token_pool.write(req.req_pool_idx, cur, slots)
+    return slots
+
+
+def run_one(runner: ModelRunner, bs: int, input_len: int, output_len: int,
+            seed: int = 0) -> dict[str, Any]:
+    """Prefill + output_len - 1 decode steps; returns latencies in seconds."""
+    dev = runner.device
+    runner.req_to_token_pool.clear()
+    runner.token_to_kv_pool_allocator.clear()
+    reqs = _make_reqs(bs, input_len, runner.model_config.vocab_size, seed)
+    for r in reqs:
+        r.req_pool_idx = runner.req_to_token_pool.alloc()
+    locs = torch.cat([_alloc(runner, r, input_len) for r in reqs])
+    batch = ScheduleBatch(reqs, ForwardMode.EXTEND, out_cache_loc=locs)
+    _sync(dev)
+    t0 = time.perf_counter()
+    res = runner.forward_batch_generation(batch)
+    _sync(dev)
+    prefill = time.perf_counter() - t0
+    for r, tok in zip(reqs, res.next_token_ids):
+        r.kv_committed_len = len(r.fill_ids)
+        r.output_ids.append(tok)
+    steps = []
+    for _ in range(output_len - 1):
+        for r in reqs:
+            r.fill_ids = r.all_ids
+        locs = torch.cat([_alloc(runner, r, 1) for r in reqs])
+        batch = ScheduleBatch(reqs, ForwardMode.DECODE, out_cache_loc=locs)
+        _sync(dev)
+        t0 = time.perf_counter()
+        res = runner.forward_batch_generation(batch)
+        _sync(dev)
+        steps.append(time.perf_counter() - t0)
+        for r, tok in zip(reqs, res.next_token_ids):
+            r.kv_committed_len += 1
+            r.output_ids.append(tok)
+    return {"prefill_s": prefill, "decode_steps_s": steps}
+
+
+def hf_generate_tok_s(model_path: str, dtype: torch.dtype, device: str, bs: int,
+                      input_len: int, output_len: int) -> float:
+    """HF transformers `generate` (eager, dynamic cache, greedy) on random weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype).eval()
+    ids = torch.randint(0, config.vocab_size, (bs, input_len), device=device)
+    kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
+                  attention_mask=torch.ones_like(ids), pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+        _sync(torch.device(device))
+        t0 = time.perf_counter()
+        model.generate(ids, **kwargs)
+        _sync(torch.device(device))
+    elapsed = time.perf_counter() - t0
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return bs * output_len / elapsed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[1])
+    parser.add_argument("--input-len", type=int, nargs="+", default=[128])
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--floor", action="store_true")
+    parser.add_argument("--compare-hf", action="store_true")
+    parser.add_argument("--result-file", default=None, help="append JSON lines here")
+    ServerArgs.add_cli_args(parser)
+    args = parser.parse_args(argv)
+    if args.skip_tokenizer_init is False:
+        args.skip_tokenizer_init = True  # random token ids; no tokenizer needed
+    sa = ServerArgs.from_cli_args(args)
+    need = max(args.batch_size) * (max(args.input_len) + args.output_len)
+    if sa.max_total_tokens is None and sa.device == "cpu":
+        sa.max_total_tokens = need
+    if sa.max_running_requests is None:
+        sa.max_running_requests = max(args.batch_size)
+    mc = ModelConfig.from_server_args(sa)
+    runner = ModelRunner(sa, mc)
+    dev = runner.device
+    ceilings = measure_ceilings(dev) if args.floor else None
+    weight_bytes = model_bytes(runner.model, mc.tie_word_embeddings)
+    kv_per_token = runner._kv_bytes_per_token()
+    rows = []
+    for input_len in args.input_len:
+        for bs in args.batch_size:
+            run_one(runner, bs, input_len, min(args.output_len, 8))  # warm up
+            r = run_one(runner, bs, input_len, args.output_len)
+            med = statistics.median(r["decode_steps_s"]) if r["decode_steps_s"] else float("nan")
+            row: dict[str, Any] = dict(
+                batch_size=bs, input_len=input_len, output_len=args.output_len,
+                prefill_latency_s=r["prefill_s"], prefill_tok_s=bs * input_len / r["prefill_s"],
+                decode_median_ms=med * 1e3, decode_tok_s=bs / med,
+                p99_decode_ms=sorted(r["decode_steps_s"])[
+                    int(0.99 * (len(r["decode_steps_s"]) - 1))] * 1e3)
+            if ceilings:
+                avg_ctx = input_len + args.output_len / 2
+                floor_s = (weight_bytes + bs * avg_ctx * kv_per_token) / ceilings["copy_Bps"]
+                row["decode_floor_ms"] = floor_s * 1e3
+                row["decode_frac_of_floor"] = floor_s / med
+                flops = model_flops_per_token(mc) * bs * input_len
+                row["prefill_tflops"] = flops / r["prefill_s"] / 1e12
+                row["prefill_frac_of_ceiling"] = row["prefill_tflops"] * 1e12 / ceilings["matmul_flops"]
+            if args.compare_hf:
+                hf = hf_generate_tok_s(sa.model_path, runner.dtype, str(dev), bs, input_len,
+                                       args.output_len)
+                row["hf_tok_s"] = hf
+                row["ours_e2e_tok_s"] = bs * args.output_len / (r["prefill_s"] + sum(r["decode_steps_s"]))
+                row["speedup_vs_hf"] = row["ours_e2e_tok_s"] / hf
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    _print_table(rows, ceilings, runner, sa)
+    if args.result_file:
+        with open(args.result_file, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps({**row, "model": sa.model_path,
+                                    "device": _device_name(dev)}) + "\n")
+
+
+def _device_name(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+
+
+def _print_table(rows: list[dict[str, Any]], ceilings: dict[str, float] | None,
+                 runner: ModelRunner, sa: ServerArgs) -> None:
+    print(f"\nmodel={sa.model_path} device={_device_name(runner.device)} dtype={runner.dtype} "
+          f"attention={sa.attention_backend} cuda_graph={runner.cuda_graph_runner is not None}")
+    if ceilings:
+        print(f"copy bandwidth {ceilings['copy_Bps'] / 1e12:.2f} TB/s, "
+              f"bf16 matmul {ceilings['matmul_flops'] / 1e12:.0f} TFLOP/s")
+    cols = ["batch_size", "input_len", "prefill_tok_s", "decode_median_ms", "decode_tok_s",
+            "decode_frac_of_floor", "prefill_frac_of_ceiling", "hf_tok_s", "speedup_vs_hf"]
+    cols = [c for c in cols if any(c in r for r in rows)]
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(_fmt(r.get(c)) for c in cols))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+if __name__ == "__main__":
+    main()

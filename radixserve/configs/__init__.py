@@ -1,0 +1,3 @@
+from radixserve.configs.model_config import ModelConfig
+
+__all__ = ["ModelConfig"]

@@ -1,0 +1,286 @@
+"""The HTTP server: a FastAPI app over the TokenizerManager, and its launcher.
+
+`launch_server` starts the scheduler and detokenizer processes (spawned, daemonic,
+each also watching its parent), waits until both are ready, then serves HTTP in
+this process. The offline Engine runs the same Scheduler and Detokenizer classes
+in-process instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import multiprocessing as mp
+import secrets
+import signal
+import time
+import uuid
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from radixserve.entrypoints import native
+from radixserve.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    error_body,
+    parse_request,
+)
+from radixserve.entrypoints.openai.serving_chat import create_chat_completion
+from radixserve.entrypoints.openai.serving_completions import create_completion
+from radixserve.managers.detokenizer_manager import run_detokenizer_process
+from radixserve.managers.ipc import PortArgs
+from radixserve.managers.scheduler_process import run_scheduler_process
+from radixserve.managers.tokenizer_manager import (
+    GenerateReqInput,
+    InvalidRequestError,
+    ServerDeadError,
+    TokenizerManager,
+)
+from radixserve.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+_READY_TIMEOUT_S = 600.0
+# After a worker dies, /health answers 503 this long before the server exits.
+_DEAD_GRACE_S = 2.0
+_HEALTH_GENERATE_TIMEOUT_S = 60.0
+
+
+# --- worker processes ------------------------------------------------------------
+
+@dataclass
+class Workers:
+    port_args: PortArgs
+    processes: dict[str, BaseProcess] = field(default_factory=dict)
+    model_info: dict[str, Any] = field(default_factory=dict)
+
+    def dead(self) -> list[str]:
+        return [f"{name} process exited with code {p.exitcode}"
+                for name, p in self.processes.items() if not p.is_alive()]
+
+    def stop(self) -> None:
+        for proc in self.processes.values():
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self.processes.values():
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+        self.port_args.cleanup()
+
+
+def start_workers(server_args: ServerArgs) -> Workers:
+    """Spawn the scheduler and detokenizer; return once both report ready."""
+    workers = Workers(PortArgs.create())
+    ctx = mp.get_context("spawn")
+    pipes = {}
+    try:
+        for name, target in (("scheduler", run_scheduler_process),
+                             ("detokenizer", run_detokenizer_process)):
+            reader, writer = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=target, args=(server_args, workers.port_args, writer),
+                               name=f"radixserve-{name}", daemon=True)
+            proc.start()
+            writer.close()
+            workers.processes[name] = proc
+            pipes[name] = reader
+        for name, reader in pipes.items():
+            reply = _wait_ready(name, workers.processes[name], reader)
+            if name == "scheduler":
+                workers.model_info = {k: v for k, v in reply.items() if k != "status"}
+    except BaseException:
+        workers.stop()
+        raise
+    return workers
+
+
+def _wait_ready(name: str, proc: BaseProcess, reader: Any) -> dict[str, Any]:
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    while not reader.poll(0.5):
+        if not proc.is_alive():
+            raise RuntimeError(f"the {name} process exited with code {proc.exitcode} "
+                               "while starting")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the {name} process was not ready in {_READY_TIMEOUT_S}s")
+    reply = reader.recv()
+    if reply.get("status") != "ready":
+        raise RuntimeError(f"the {name} process failed to start: {reply.get('message')}")
+    return reply
+
+
+# --- the app ---------------------------------------------------------------------
+
+def _error(message: str, param: str | None, status_code: int,
+           error_type: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(error_body(message, param, status_code, error_type),
+                        status_code=status_code)
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"malformed JSON body: {exc}", None) from None
+
+
+def create_app(tm: TokenizerManager, server_args: ServerArgs,
+               background: Callable[[], Awaitable[None]] | None = None,
+               worker_pids: dict[str, int] | None = None) -> FastAPI:
+    """The routes; `background` runs alongside the server (the worker watchdog)."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        tm.start()
+        task = asyncio.create_task(background()) if background else None
+        yield
+        if task is not None:
+            task.cancel()
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next: Callable) -> Response:
+        if server_args.api_key and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(),
+                                          f"Bearer {server_args.api_key}".encode()):
+                return _error("invalid or missing API key (Authorization: Bearer ...)", None,
+                              401, "authentication_error")
+        return await call_next(request)
+
+    @app.exception_handler(InvalidRequestError)
+    async def on_invalid(_request: Request, exc: InvalidRequestError) -> JSONResponse:
+        return _error(exc.message, exc.param, 400)
+
+    @app.exception_handler(ServerDeadError)
+    async def on_dead(_request: Request, exc: ServerDeadError) -> JSONResponse:
+        return _error(str(exc), None, 503, "server_error")
+
+    @app.get("/health")
+    async def health() -> Response:
+        if tm.dead_reason is not None:
+            return PlainTextResponse(tm.dead_reason, status_code=503)
+        return PlainTextResponse("ok")
+
+    @app.get("/health_generate")
+    async def health_generate() -> Response:
+        obj = GenerateReqInput(input_ids=[0], rid=f"HEALTH_CHECK_{uuid.uuid4().hex}",
+                               sampling_params={"max_new_tokens": 1, "temperature": 0.0})
+        try:
+            async with asyncio.timeout(_HEALTH_GENERATE_TIMEOUT_S):
+                async with aclosing(tm.generate(obj)) as gen:
+                    async for _ in gen:
+                        pass
+        except (TimeoutError, ServerDeadError) as exc:
+            return PlainTextResponse(f"unhealthy: {exc!r}", status_code=503)
+        return PlainTextResponse("ok")
+
+    @app.get("/get_model_info")
+    async def get_model_info() -> dict[str, Any]:
+        return {"model_path": server_args.model_path,
+                "tokenizer_path": server_args.tokenizer_path or server_args.model_path,
+                "served_model_name": tm.served_model_name, "is_generation": True,
+                "context_length": tm.context_len, "vocab_size": tm.vocab_size}
+
+    @app.get("/get_server_info")
+    async def get_server_info() -> dict[str, Any]:
+        info = await tm.get_server_info()
+        args = {k: v for k, v in dataclasses.asdict(server_args).items() if k != "api_key"}
+        return {**args, **dataclasses.asdict(info), "model_info": tm.model_info,
+                "num_pending_requests": tm.num_pending, "worker_pids": worker_pids or {}}
+
+    @app.post("/flush_cache")
+    async def flush_cache() -> Response:
+        if await tm.flush_cache():
+            return PlainTextResponse("Cache flushed.\n")
+        return PlainTextResponse("Cache not flushed: requests are running.\n", status_code=400)
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request) -> Response:
+        body = await _json_body(request)
+        rid = body.get("rid") if isinstance(body, dict) else None
+        if not isinstance(rid, str):
+            raise InvalidRequestError("rid must be a string", "rid")
+        tm.abort_request(rid)
+        return PlainTextResponse("ok")
+
+    @app.post("/generate")
+    async def generate(request: Request) -> Response:
+        return await native.generate(tm, await _json_body(request), request)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{
+            "id": tm.served_model_name, "object": "model", "created": int(time.time()),
+            "owned_by": "radixserve", "root": server_args.model_path,
+            "max_model_len": tm.context_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = parse_request(CompletionRequest, await _json_body(request))
+        return await create_completion(tm, req, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = parse_request(ChatCompletionRequest, await _json_body(request))
+        return await create_chat_completion(tm, req, request)
+
+    return app
+
+
+# --- launcher --------------------------------------------------------------------
+
+def launch_server(server_args: ServerArgs) -> int:
+    """Run until SIGINT/SIGTERM (0) or until a worker process dies (1)."""
+    logging.basicConfig(level=server_args.log_level.upper(),
+                        format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    workers = start_workers(server_args)
+    try:
+        tokenizer = None
+        if not server_args.skip_tokenizer_init:
+            from radixserve.model_loader.tokenizer import get_tokenizer
+
+            tokenizer = get_tokenizer(server_args)
+        tm = TokenizerManager(server_args, workers.port_args, workers.model_info, tokenizer)
+        exit_code = 0
+        server: uvicorn.Server | None = None
+
+        async def watch_workers() -> None:
+            nonlocal exit_code
+            while not (dead := workers.dead()):
+                await asyncio.sleep(0.2)
+            logger.error("%s; shutting down", dead[0])
+            tm.mark_dead(dead[0])
+            exit_code = 1
+            await asyncio.sleep(_DEAD_GRACE_S)
+            server.should_exit = True
+
+        app = create_app(tm, server_args, watch_workers,
+                         {name: p.pid for name, p in workers.processes.items()})
+        config = uvicorn.Config(app, host=server_args.host, port=server_args.port,
+                                log_level=server_args.log_level,
+                                access_log=server_args.log_level == "debug",
+                                timeout_graceful_shutdown=3)
+        server = uvicorn.Server(config)
+        # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the handler it
+        # found: make that an exit through `finally`, so the workers are stopped.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        logger.info("serving on http://%s:%d", server_args.host, server_args.port)
+        server.run()
+        return exit_code
+    finally:
+        workers.stop()
+
+
+def _exit_on_sigterm(_signum: int, _frame: Any) -> None:
+    raise SystemExit(0)

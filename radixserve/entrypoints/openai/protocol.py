@@ -1,0 +1,198 @@
+"""OpenAI request models, their mapping onto SamplingParams, and the error body.
+
+Requests are validated with pydantic; a failure becomes a 400 whose `param`
+names the offending field (for example `messages.1.role`). Unknown fields are
+ignored, as clients send options radixserve does not implement (tools, user).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from radixserve.managers.tokenizer_manager import MAX_TOP_LOGPROBS, InvalidRequestError
+
+
+class RequestModel(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(RequestModel):
+    include_usage: bool = False
+
+
+class _SamplingRequest(RequestModel):
+    """The sampling fields both endpoints share; extras follow SGLang's names."""
+
+    model: str | None = None
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: str | list[str] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    stop_token_ids: list[int] | None = None
+
+    def sampling_params(self, max_new_tokens: int | None) -> dict[str, Any]:
+        """None for max_new_tokens means: whatever the context has left."""
+        return {
+            "max_new_tokens": max_new_tokens,
+            "min_new_tokens": self.min_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "stop": self.stop,
+            "stop_token_ids": self.stop_token_ids,
+            "ignore_eos": self.ignore_eos,
+            "skip_special_tokens": self.skip_special_tokens,
+            "no_stop_trim": self.no_stop_trim,
+            "n": self.n,
+            "seed": self.seed,
+        }
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+
+    def check(self) -> None:
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(
+                f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}", "logprobs")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise InvalidRequestError("max_tokens must be >= 0", "max_tokens")
+
+
+class TextPart(RequestModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(RequestModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def check(self) -> None:
+        if self.top_logprobs is not None:
+            if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+                raise InvalidRequestError(
+                    f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}",
+                    "top_logprobs")
+            if self.top_logprobs > 0 and not self.logprobs:
+                raise InvalidRequestError("top_logprobs needs logprobs=true", "top_logprobs")
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise InvalidRequestError(f"{name} must be >= 0", name)
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
+
+
+def parse_request(model: type[RequestModel], body: Any) -> Any:
+    """Validate a JSON body into `model`, or raise InvalidRequestError naming the field."""
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object", None)
+    try:
+        request = model.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    check = getattr(request, "check", None)
+    if check is not None:
+        check()
+    return request
+
+
+def validation_error(exc: ValidationError) -> InvalidRequestError:
+    first = exc.errors()[0]
+    # Union members add their type name to the location; keep only the field path.
+    loc = [str(p) for p in first["loc"] if isinstance(p, int) or _is_field_name(p)]
+    param = ".".join(loc) or None
+    return InvalidRequestError(f"{param}: {first['msg']}" if param else first["msg"], param)
+
+
+def error_body(message: str, param: str | None, status_code: int,
+               error_type: str = "invalid_request_error") -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param,
+                      "code": status_code}}
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _is_field_name(part: str) -> bool:
+    return part.isidentifier() and part[0].islower() and part not in _TYPE_TAGS
+
+
+# --- responses ------------------------------------------------------------------
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_event(payload: Any) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def finish_reason(meta_info: dict[str, Any]) -> str | None:
+    reason = meta_info.get("finish_reason")
+    return None if reason is None else str(reason.get("type"))
+
+
+def matched_stop(meta_info: dict[str, Any]) -> int | str | None:
+    reason = meta_info.get("finish_reason") or {}
+    return reason.get("matched") if reason.get("type") == "stop" else None
+
+
+def usage(outputs: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """OpenAI usage: each prompt counts once however many samples it has."""
+    prompt = cached = completion = 0
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for out in outputs:
+        groups.setdefault(out["index"] // n, []).append(out["meta_info"])
+    for metas in groups.values():
+        prompt += metas[0]["prompt_tokens"]
+        cached += max(m["cached_tokens"] for m in metas)
+        completion += sum(m["completion_tokens"] for m in metas)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}

@@ -1,0 +1,180 @@
+"""The Triton attention backend: the default on CUDA.
+
+Extend (and MIXED) batches run `extend_attention_fwd`; decode batches run the split-KV
+`decode_attention_fwd`. New k/v go into the pool through one `store_kv` launch.
+
+CUDA graphs: `init_cuda_graph_state` preallocates, for the largest batch, the request
+rows and seq_lens the kernels read and the decode scratch. Capture points the metadata
+at slices of those buffers; replay copies the live batch into the same slices, so the
+graph's pointers and shapes never change. The split bound depends only on the batch
+size, so it is the same at capture and replay. The runner passes the padded batch to
+both hooks (padded rows: any valid request row, seq_len
+`get_cuda_graph_seq_len_fill_value()`, out_cache_loc slot 0).
+
+q, k, v and the KV pool must share one dtype (bf16, fp16 or fp32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from radixserve.layers.attention.base import AttentionBackend
+from radixserve.layers.attention.triton_ops.decode_attention import (
+    alloc_decode_scratch, choose_max_kv_splits, decode_attention_fwd, head_block_size,
+    min_split_tokens)
+from radixserve.layers.attention.triton_ops.extend_attention import extend_attention_fwd
+from radixserve.layers.attention.triton_ops.kv_store import store_kv
+from radixserve.layers.radix_attention import RadixAttention
+from radixserve.model_executor.forward_batch import ForwardBatch
+
+
+@dataclass(slots=True)
+class DecodeMetadata:
+    req_pool_indices: torch.Tensor  # [B]
+    seq_lens: torch.Tensor  # [B]
+    mid_o: torch.Tensor  # [B, H, S, Dv] fp32 scratch, S = the split bound
+    mid_lse: torch.Tensor  # [B, H, S] fp32
+
+
+@dataclass(slots=True)
+class ExtendMetadata:
+    req_pool_indices: torch.Tensor  # [B]
+    prefix_lens: torch.Tensor  # [B]
+    extend_lens: torch.Tensor  # [B]
+    extend_start_loc: torch.Tensor  # [B]
+    max_extend_len: int
+
+
+class TritonAttnBackend(AttentionBackend):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
+                 device: str | torch.device, max_context_len: int,
+                 v_head_dim: int | None = None, max_kv_splits: int = 16) -> None:
+        """num_heads / num_kv_heads: per tensor-parallel rank. max_kv_splits: the most
+        slices one request's KV is cut into in decode (a power of two)."""
+        if max_kv_splits < 1 or max_kv_splits & (max_kv_splits - 1):
+            raise ValueError(f"max_kv_splits must be a power of two, got {max_kv_splits}")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.v_head_dim = v_head_dim or head_dim
+        self.device = torch.device(device)
+        # More splits than a full-length request can fill would only grow the scratch.
+        useful = -(-max_context_len // min_split_tokens(self.device))
+        self.max_kv_splits = min(max_kv_splits, triton.next_power_of_2(useful))
+        group = num_heads // num_kv_heads
+        self._kv_head_blocks = num_kv_heads * -(-group // head_block_size(group))
+        # The CPU interpreter has no SMs; any small count keeps the heuristic defined.
+        self._num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
+                         if self.device.type == "cuda" else 8)
+        self._graph_bufs: dict[str, torch.Tensor] | None = None
+
+    def splits_for(self, batch_size: int) -> int:
+        """The bound on KV splits per request in a decode batch of this size."""
+        return choose_max_kv_splits(batch_size, self._kv_head_blocks, self._num_sms,
+                                    self.max_kv_splits)
+
+    # --- per-batch metadata -------------------------------------------------------
+
+    def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
+        fb = forward_batch
+        if fb.forward_mode.is_idle():
+            fb.attn_metadata = None
+            return
+        if fb.forward_mode.is_decode():
+            mid_o, mid_lse = alloc_decode_scratch(fb.batch_size, self.num_heads, self.v_head_dim,
+                                                  self.splits_for(fb.batch_size), self.device)
+            fb.attn_metadata = DecodeMetadata(fb.req_pool_indices, fb.seq_lens, mid_o, mid_lse)
+            return
+        start_loc = fb.extend_start_loc
+        if start_loc is None:
+            start_loc = torch.cumsum(fb.extend_seq_lens, 0) - fb.extend_seq_lens
+        fb.attn_metadata = ExtendMetadata(
+            fb.req_pool_indices, fb.extend_prefix_lens, fb.extend_seq_lens, start_loc,
+            max(fb.extend_seq_lens_cpu, default=0))
+
+    # --- forward ------------------------------------------------------------------
+
+    def _store(self, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention,
+               fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        k = k.view(-1, layer.num_kv_heads, layer.head_dim)
+        v = v.view(-1, layer.num_kv_heads, layer.v_head_dim)
+        pool = fb.token_to_kv_pool
+        store_kv(pool.get_key_buffer(layer.layer_id), pool.get_value_buffer(layer.layer_id),
+                 fb.out_cache_loc, k, v)
+        return k, v
+
+    def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       layer: RadixAttention, forward_batch: ForwardBatch,
+                       save_kv_cache: bool = True) -> torch.Tensor:
+        fb, md = forward_batch, forward_batch.attn_metadata
+        if save_kv_cache:
+            k, v = self._store(k, v, layer, fb)
+        else:
+            k = k.view(-1, layer.num_kv_heads, layer.head_dim)
+            v = v.view(-1, layer.num_kv_heads, layer.v_head_dim)
+        q = q.view(-1, layer.num_heads, layer.head_dim)
+        out = q.new_empty(q.shape[0], layer.num_heads, layer.v_head_dim)
+        pool = fb.token_to_kv_pool
+        extend_attention_fwd(q, k, v, out, pool.get_key_buffer(layer.layer_id),
+                             pool.get_value_buffer(layer.layer_id),
+                             fb.req_to_token_pool.req_to_token, md.req_pool_indices,
+                             md.prefix_lens, md.extend_lens, md.extend_start_loc,
+                             md.max_extend_len, layer.scaling)
+        return out.view(-1, layer.num_heads * layer.v_head_dim)
+
+    def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       layer: RadixAttention, forward_batch: ForwardBatch,
+                       save_kv_cache: bool = True) -> torch.Tensor:
+        fb, md = forward_batch, forward_batch.attn_metadata
+        if save_kv_cache:
+            self._store(k, v, layer, fb)
+        q = q.view(-1, layer.num_heads, layer.head_dim)
+        out = q.new_empty(q.shape[0], layer.num_heads, layer.v_head_dim)
+        pool = fb.token_to_kv_pool
+        decode_attention_fwd(q, pool.get_key_buffer(layer.layer_id),
+                             pool.get_value_buffer(layer.layer_id),
+                             out, fb.req_to_token_pool.req_to_token, md.req_pool_indices,
+                             md.seq_lens, layer.scaling, md.mid_o, md.mid_lse)
+        return out.view(-1, layer.num_heads * layer.v_head_dim)
+
+    # --- CUDA graphs (decode) -----------------------------------------------------
+
+    def init_cuda_graph_state(self, max_bs: int) -> None:
+        # One flat scratch sized for the batch size needing the most (batch x splits);
+        # each captured size views a prefix of it.
+        rows = max(bs * self.splits_for(bs) for bs in range(1, max_bs + 1))
+        self._graph_bufs = {
+            "req_pool_indices": torch.zeros(max_bs, dtype=torch.int64, device=self.device),
+            "seq_lens": torch.ones(max_bs, dtype=torch.int64, device=self.device),
+            "mid_o": torch.empty(rows * self.num_heads * self.v_head_dim, dtype=torch.float32,
+                                 device=self.device),
+            "mid_lse": torch.empty(rows * self.num_heads, dtype=torch.float32, device=self.device),
+        }
+
+    def _graph_metadata(self, bs: int) -> DecodeMetadata:
+        if self._graph_bufs is None:
+            raise RuntimeError("call init_cuda_graph_state before capturing")
+        bufs, splits = self._graph_bufs, self.splits_for(bs)
+        mid_o = bufs["mid_o"][:bs * self.num_heads * splits * self.v_head_dim]
+        mid_lse = bufs["mid_lse"][:bs * self.num_heads * splits]
+        return DecodeMetadata(bufs["req_pool_indices"][:bs], bufs["seq_lens"][:bs],
+                              mid_o.view(bs, self.num_heads, splits, self.v_head_dim),
+                              mid_lse.view(bs, self.num_heads, splits))
+
+    def _copy_batch(self, fb: ForwardBatch) -> DecodeMetadata:
+        if not fb.forward_mode.is_decode():
+            raise NotImplementedError("the triton backend captures decode batches only")
+        md = self._graph_metadata(fb.batch_size)
+        md.req_pool_indices.copy_(fb.req_pool_indices)
+        md.seq_lens.copy_(fb.seq_lens)
+        fb.attn_metadata = md
+        return md
+
+    def init_forward_metadata_capture_cuda_graph(self, forward_batch: ForwardBatch) -> None:
+        self._copy_batch(forward_batch)
+
+    def init_forward_metadata_replay_cuda_graph(self, forward_batch: ForwardBatch) -> None:
+        self._copy_batch(forward_batch)

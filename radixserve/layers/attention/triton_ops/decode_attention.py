@@ -1,0 +1,223 @@
+"""Decode attention: one new query token per request against its paged KV.
+
+Split-KV flash-decoding in two launches:
+
+* stage 1, grid (batch, kv-head blocks, max splits): each program takes every query
+  head that shares one KV head (the GQA group, padded to 16 rows so it can be the M
+  side of `tl.dot`), walks one slice of the request's tokens through `req_to_token`,
+  and writes a partial output normalised by its own softmax sum plus that sum's
+  log-sum-exp (base 2). Each K/V row is read once for the whole group.
+* stage 2, grid (batch, heads): merges the partial results by their log-sum-exp.
+
+How many splits a request gets is computed inside both kernels from its seq_len, so
+no per-batch metadata exists that could change between CUDA-graph capture and replay;
+only the upper bound `max_kv_splits` is fixed per launch (it sizes the grid and the
+scratch buffers, and depends only on the batch size).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from radixserve.layers.attention.triton_ops.extend_attention import dot_precision
+
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeConfig:
+    block_n: int = 64  # tokens per inner step
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def min_split_tokens(device: torch.device) -> int:
+    """A split never covers fewer tokens than this: below it, the merge costs more than
+    the parallelism gains. The CPU interpreter runs only in tests, where a small value
+    makes short sequences cross split boundaries."""
+    return 256 if device.type == "cuda" else 16
+
+
+def default_decode_config(dtype: torch.dtype, device: torch.device) -> DecodeConfig:
+    if device.type != "cuda":
+        return DecodeConfig(block_n=16)  # short test sequences still cross block boundaries
+    if dtype == torch.float32:
+        return DecodeConfig(block_n=32)  # twice the bytes per row: keep the stages small
+    return DecodeConfig()
+
+
+def choose_max_kv_splits(batch_size: int, num_kv_head_blocks: int, num_sms: int,
+                         cap: int) -> int:
+    """Splits per request so that the stage-1 grid covers the GPU about 4 times over.
+
+    A power of two, so only a handful of stage-2 variants ever compile, and a function
+    of the batch size alone, so a captured CUDA graph and its replays agree.
+    """
+    programs = batch_size * num_kv_head_blocks
+    want = max(1, math.ceil(4 * num_sms / programs))
+    return min(cap, 1 << (want - 1).bit_length())
+
+
+def head_block_size(group: int) -> int:
+    """Query heads per stage-1 program: the GQA group padded to a dot's minimum of 16."""
+    return max(16, min(64, triton.next_power_of_2(group)))
+
+
+@triton.jit
+def _split_bounds(seq_len, MAX_SPLITS: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Tokens per split for one request, a whole number of BLOCK_N steps."""
+    n_splits = tl.minimum(tl.cdiv(seq_len, MIN_SPLIT_TOKENS), MAX_SPLITS)
+    return tl.cdiv(tl.cdiv(seq_len, n_splits), BLOCK_N) * BLOCK_N
+
+
+@triton.jit
+def _decode_stage1(Q, K_Buf, V_Buf, Req_To_Token, Req_Pool_Idx, Seq_Lens, Mid_O, Mid_Lse,
+                   qk_scale, stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                   stride_rt, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+                   GROUP: tl.constexpr, HEAD_BLOCKS: tl.constexpr, BLOCK_H: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr,
+                   MIN_SPLIT_TOKENS: tl.constexpr, PRECISION: tl.constexpr):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1) // HEAD_BLOCKS
+    first = (tl.program_id(1) % HEAD_BLOCKS) * BLOCK_H
+    split = tl.program_id(2)
+
+    seq_len = tl.load(Seq_Lens + b).to(tl.int32)
+    split_len = _split_bounds(seq_len, MAX_SPLITS, MIN_SPLIT_TOKENS, BLOCK_N)
+    start = split * split_len
+    if start >= seq_len:
+        return  # stage 2 recomputes the same bounds and skips this split
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    heads = kv_head * GROUP + first + offs_h
+    h_mask = first + offs_h < GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_mask = offs_d < HEAD_DIM
+    dv_mask = offs_dv < V_DIM
+
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+    row = tl.load(Req_Pool_Idx + b).to(tl.int64)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        # int64: slot * row stride overflows int32 in pools of a few million tokens.
+        slots = tl.load(Req_To_Token + row * stride_rt + offs_n, mask=n_mask, other=0).to(tl.int64)
+        k = tl.load(K_Buf + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V_Buf + slots[:, None] * stride_vt + kv_head * stride_vh + offs_dv[None, :],
+                    mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    out_ptr = Mid_O + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms
+    tl.store(out_ptr + offs_dv[None, :], acc / l_i[:, None],
+             mask=h_mask[:, None] & dv_mask[None, :])
+    tl.store(Mid_Lse + b * stride_lb + heads * stride_lh + split, m_i + tl.log2(l_i),
+             mask=h_mask)
+
+
+@triton.jit
+def _decode_stage2(Mid_O, Mid_Lse, Out, Seq_Lens, stride_mb, stride_mh, stride_ms,
+                   stride_lb, stride_lh, stride_ob, stride_oh,
+                   V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+                   MAX_SPLITS: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.load(Seq_Lens + b).to(tl.int32)
+    split_len = _split_bounds(seq_len, MAX_SPLITS, MIN_SPLIT_TOKENS, BLOCK_N)
+
+    offs_s = tl.arange(0, MAX_SPLITS)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    s_mask = offs_s * split_len < seq_len  # split 0 is never empty, so the max is finite
+    lse = tl.load(Mid_Lse + b * stride_lb + h * stride_lh + offs_s, mask=s_mask,
+                  other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, 0))
+    o = tl.load(Mid_O + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms
+                + offs_dv[None, :], mask=s_mask[:, None] & (offs_dv[None, :] < V_DIM), other=0.0)
+    out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_dv, out.to(Out.dtype.element_ty),
+             mask=offs_dv < V_DIM)
+
+
+def alloc_decode_scratch(batch_size: int, num_heads: int, v_head_dim: int, max_kv_splits: int,
+                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 partial outputs [B, H, S, Dv] and their log-sum-exps [B, H, S]."""
+    return (torch.empty(batch_size, num_heads, max_kv_splits, v_head_dim, dtype=torch.float32,
+                        device=device),
+            torch.empty(batch_size, num_heads, max_kv_splits, dtype=torch.float32, device=device))
+
+
+def decode_attention_fwd(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+                         out: torch.Tensor, req_to_token: torch.Tensor,
+                         req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, sm_scale: float,
+                         mid_o: torch.Tensor, mid_lse: torch.Tensor,
+                         config: DecodeConfig | None = None) -> torch.Tensor:
+    """out[b, h] = softmax(q[b, h] . K_b^T * sm_scale) V_b over the request's seq_len tokens.
+
+    q: [B, H, D]; k_buffer: [slots, Hkv, D]; v_buffer: [slots, Hkv, Dv]; out: [B, H, Dv];
+    req_to_token: [rows, max_ctx] int32; req_pool_indices, seq_lens: [B] (seq_len >= 1);
+    mid_o, mid_lse: scratch from `alloc_decode_scratch`, whose split axis is the bound
+    on splits per request. Last dims must be contiguous.
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads, v_dim = k_buffer.shape[1], v_buffer.shape[2]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads is not a multiple of {num_kv_heads} KV heads")
+    cfg = config or default_decode_config(q.dtype, q.device)
+    group = num_heads // num_kv_heads
+    block_h = head_block_size(group)
+    head_blocks = triton.cdiv(group, block_h)
+    max_splits = mid_lse.shape[2]
+    if max_splits & (max_splits - 1):
+        raise ValueError(f"max_kv_splits must be a power of two, got {max_splits}")
+    const = dict(BLOCK_N=cfg.block_n, MAX_SPLITS=max_splits,
+                 MIN_SPLIT_TOKENS=min_split_tokens(q.device))
+    _decode_stage1[(batch, num_kv_heads * head_blocks, max_splits)](
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse,
+        sm_scale * _LOG2E, q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
+        v_buffer.stride(0), v_buffer.stride(1), req_to_token.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        GROUP=group, HEAD_BLOCKS=head_blocks, BLOCK_H=block_h, HEAD_DIM=head_dim, V_DIM=v_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_DV=triton.next_power_of_2(v_dim),
+        PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **const)
+    _decode_stage2[(batch, num_heads)](
+        mid_o, mid_lse, out, seq_lens, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),
+        V_DIM=v_dim, BLOCK_DV=triton.next_power_of_2(v_dim), num_warps=4, **const)
+    return out
+
+
+def decode_attention_reference(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+                               req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
+                               seq_lens: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    """Plain PyTorch, fp32, one request at a time. Same arguments as the kernel."""
+    group = q.shape[1] // k_buffer.shape[1]
+    outs = []
+    for b, (row, n) in enumerate(zip(req_pool_indices.tolist(), seq_lens.tolist())):
+        slots = req_to_token[row, :n].long()
+        k = k_buffer[slots].float().repeat_interleave(group, 1)  # [n, H, D]
+        v = v_buffer[slots].float().repeat_interleave(group, 1)
+        p = torch.softmax(torch.einsum("hd,nhd->hn", q[b].float(), k) * sm_scale, -1)
+        outs.append(torch.einsum("hn,nhd->hd", p, v))
+    return torch.stack(outs).to(q.dtype)

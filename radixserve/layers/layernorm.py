@@ -1,0 +1,54 @@
+"""RMSNorm, optionally fused with the residual add that precedes it."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Without residual: norm(x). With it: (norm(x + residual), x + residual).
+
+        The CUDA path may update x and residual in place, so callers must not reuse
+        them afterwards.
+        """
+        if x.is_cuda:
+            kernels = _triton_kernels()
+            if kernels is not None:
+                rmsnorm, fused_add_rmsnorm = kernels
+                if residual is None:
+                    return rmsnorm(x, self.weight, self.variance_epsilon)
+                return fused_add_rmsnorm(x, residual, self.weight, self.variance_epsilon)
+        return self.forward_native(x, residual)
+
+    def forward_native(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                       ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is not None:
+            x = x + residual
+            residual = x
+        dtype = x.dtype
+        # Statistics in float32 whatever the activation dtype, as HF does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        out = self.weight * xf.to(dtype)
+        return out if residual is None else (out, residual)
+
+
+@functools.cache
+def _triton_kernels() -> tuple[Callable, Callable] | None:
+    # Imported lazily (once) so CPU-only installs never import triton.
+    try:
+        from radixserve.layers.triton_kernels import fused_add_rmsnorm, rmsnorm
+    except ImportError:
+        return None
+    return rmsnorm, fused_add_rmsnorm

@@ -1,0 +1,25 @@
+"""The attention layer models call; the backend in the ForwardBatch does the work."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from radixserve.model_executor.forward_batch import ForwardBatch
+
+
+class RadixAttention(nn.Module):
+    def __init__(self, num_heads: int, head_dim: int, scaling: float, num_kv_heads: int,
+                 layer_id: int, v_head_dim: int | None = None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.qk_head_dim = head_dim
+        self.v_head_dim = v_head_dim or head_dim
+        self.scaling = scaling
+        self.num_kv_heads = num_kv_heads
+        self.layer_id = layer_id
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                forward_batch: ForwardBatch, save_kv_cache: bool = True) -> torch.Tensor:
+        return forward_batch.attn_backend.forward(q, k, v, self, forward_batch, save_kv_cache)

@@ -1,0 +1,146 @@
+"""Rotary position embedding: default RoPE and Llama 3's frequency scaling.
+
+One cos/sin table of shape [max_position, rotary_dim] (cos in the first half, sin in
+the second, float32) is built at init; each forward gathers the rows of its positions.
+The neox style (rotate the two halves of each head) is what HF Llama, Mistral and Qwen
+use; the GPT-J style (rotate interleaved pairs) is kept for checkpoints that need it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+
+def rope_params(config: PretrainedConfig) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, scaling dict or None) from either config form.
+
+    transformers >= 5 keeps both in `rope_parameters`; older configs have a top-level
+    `rope_theta` and a `rope_scaling` dict whose type key is `type` or `rope_type`.
+    """
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    theta = params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+    scaling = params if params.get("rope_type", "default") != "default" else None
+    if scaling is None:
+        scaling = getattr(config, "rope_scaling", None)
+    if scaling is not None:
+        scaling = dict(scaling)
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        scaling = None if rope_type == "default" else {**scaling, "rope_type": rope_type}
+    return float(theta), scaling
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_size: int, rotary_dim: int, max_position: int, base: float,
+                 is_neox_style: bool = True) -> None:
+        super().__init__()
+        self.head_size = head_size
+        self.rotary_dim = rotary_dim
+        self.max_position = max_position
+        self.base = base
+        self.is_neox_style = is_neox_style
+        cache = self._compute_cos_sin_cache()
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
+
+    def _compute_inv_freq(self) -> torch.Tensor:
+        # Same expression as HF so float32 rounding matches exactly.
+        exponent = torch.arange(0, self.rotary_dim, 2, dtype=torch.int64).float() / self.rotary_dim
+        return 1.0 / (self.base ** exponent)
+
+    def _compute_cos_sin_cache(self) -> torch.Tensor:
+        inv_freq = self._compute_inv_freq()
+        t = torch.arange(self.max_position, dtype=torch.float32, device=inv_freq.device)
+        freqs = torch.outer(t, inv_freq)
+        return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """query: [T, H * D], key: [T, Hkv * D] (rows may be strided views); returns the
+        rotated pair, which on CUDA are the inputs rotated in place."""
+        if query.is_cuda:
+            kernel = _triton_apply_rotary()
+            if kernel is not None:
+                kernel(query, key, positions, self.cos_sin_cache, self.is_neox_style, self.head_size)
+                return query, key
+        return self.forward_native(positions, query, key)
+
+    def forward_native(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)
+        return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        x = x.view(shape[0], -1, self.head_size)
+        rot, rest = x[..., :self.rotary_dim].float(), x[..., self.rotary_dim:]
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        if self.is_neox_style:
+            x1, x2 = rot.chunk(2, dim=-1)
+        else:
+            x1, x2 = rot[..., ::2], rot[..., 1::2]
+        o1 = x1 * cos - x2 * sin
+        o2 = x2 * cos + x1 * sin
+        if self.is_neox_style:
+            out = torch.cat((o1, o2), dim=-1)
+        else:
+            out = torch.stack((o1, o2), dim=-1).flatten(-2)
+        return torch.cat((out.to(dtype), rest), dim=-1).reshape(shape)
+
+
+class Llama3RotaryEmbedding(RotaryEmbedding):
+    """Llama 3.1's long-context scaling: low frequencies divided by `factor`, high ones
+    kept, and a smooth blend between the two wavelength bands."""
+
+    def __init__(self, head_size: int, rotary_dim: int, max_position: int, base: float,
+                 is_neox_style: bool, factor: float, low_freq_factor: float,
+                 high_freq_factor: float, original_max_position: int) -> None:
+        self.factor = factor
+        self.low_freq_factor = low_freq_factor
+        self.high_freq_factor = high_freq_factor
+        self.original_max_position = original_max_position
+        super().__init__(head_size, rotary_dim, max_position, base, is_neox_style)
+
+    def _compute_inv_freq(self) -> torch.Tensor:
+        inv_freq = super()._compute_inv_freq()
+        low_freq_wavelen = self.original_max_position / self.low_freq_factor
+        high_freq_wavelen = self.original_max_position / self.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / self.factor, inv_freq)
+        smooth = ((self.original_max_position / wavelen - self.low_freq_factor)
+                  / (self.high_freq_factor - self.low_freq_factor))
+        blended = (1 - smooth) * scaled / self.factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return torch.where(is_medium, blended, scaled)
+
+
+def get_rope(head_size: int, rotary_dim: int, max_position: int, base: float,
+             rope_scaling: dict[str, Any] | None = None,
+             is_neox_style: bool = True) -> RotaryEmbedding:
+    if rope_scaling is None:
+        return RotaryEmbedding(head_size, rotary_dim, max_position, base, is_neox_style)
+    rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
+    if rope_type == "llama3":
+        return Llama3RotaryEmbedding(
+            head_size, rotary_dim, max_position, base, is_neox_style,
+            factor=float(rope_scaling["factor"]),
+            low_freq_factor=float(rope_scaling["low_freq_factor"]),
+            high_freq_factor=float(rope_scaling["high_freq_factor"]),
+            original_max_position=int(rope_scaling["original_max_position_embeddings"]))
+    raise ValueError(f"rope_scaling type {rope_type!r} is not supported (supported: default, "
+                     f"llama3)")
+
+
+@functools.cache
+def _triton_apply_rotary() -> Callable[..., None] | None:
+    # Imported lazily (once) so CPU-only installs never import triton.
+    try:
+        from radixserve.layers.triton_kernels import apply_rotary_
+    except ImportError:
+        return None
+    return apply_rotary_

@@ -1,0 +1,482 @@
+"""The Scheduler: continuous batching over the radix cache.
+
+One step = pick a batch (a prefill of waiting requests, or a decode of the running
+ones) → run it → fold the results back into the requests. The offline Engine calls
+`step()` in-process; the server runs the same class in its own process
+(scheduler_process.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from radixserve.configs.model_config import ModelConfig
+from radixserve.managers.io_struct import BatchTokenIDOut, ServerInfo, TokenizedGenerateReqInput
+from radixserve.managers.schedule_batch import Req, ScheduleBatch
+from radixserve.managers.schedule_policy import CLIP_MAX_NEW_TOKENS, PrefillBudget, SchedulePolicy
+from radixserve.mem_cache.chunk_cache import ChunkCache
+from radixserve.mem_cache.radix_cache import RadixCache
+from radixserve.model_executor.forward_batch import ForwardMode
+from radixserve.model_executor.model_runner import BatchResult, ModelRunner
+from radixserve.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+# new_token_ratio: the share of its remaining max_new_tokens that admission assumes a
+# running request will still use. It starts high and decays while decoding goes well;
+# a retraction (KV ran out) pushes it back up.
+INIT_NEW_TOKEN_RATIO = 0.7
+MIN_NEW_TOKEN_RATIO = 0.1
+NEW_TOKEN_RATIO_DECAY = 0.001
+RETRACT_RATIO_STEP = 0.1
+
+
+class Scheduler:
+    def __init__(self, server_args: ServerArgs, model_config: ModelConfig | None = None,
+                 tokenizer: Any = None) -> None:
+        self.server_args = server_args
+        self.model_config = model_config or ModelConfig.from_server_args(server_args)
+        if tokenizer is None and not server_args.skip_tokenizer_init:
+            from radixserve.model_loader.tokenizer import get_tokenizer
+
+            tokenizer = get_tokenizer(server_args)
+        self.tokenizer = tokenizer
+        self.model_runner = ModelRunner(server_args, self.model_config)
+        mr = self.model_runner
+        self.req_to_token_pool = mr.req_to_token_pool
+        self.allocator = mr.token_to_kv_pool_allocator
+        self.page_size = server_args.page_size
+        self.max_total_num_tokens = mr.max_total_num_tokens
+        self.max_running_requests = mr.max_running_requests
+        self.context_len = self.model_config.context_len
+        cache_cls = ChunkCache if server_args.disable_radix_cache else RadixCache
+        self.tree_cache = cache_cls(self.req_to_token_pool, self.allocator, self.page_size)
+        self.policy = SchedulePolicy(server_args.schedule_policy, self.tree_cache,
+                                     not server_args.disable_radix_cache)
+        chunk = server_args.chunked_prefill_size
+        self.chunked_prefill_size = chunk if chunk is not None and chunk > 0 else None
+        self.init_new_token_ratio = min(1.0, INIT_NEW_TOKEN_RATIO
+                                        * server_args.schedule_conservativeness)
+        self.new_token_ratio = self.init_new_token_ratio
+
+        self.waiting_queue: list[Req] = []
+        self.running: list[Req] = []
+        self.chunked_req: Req | None = None
+        self._rids: dict[str, Req] = {}
+        self._to_emit: dict[str, Req] = {}
+        # Counters for /get_server_info, metrics and tests.
+        self.num_retractions = 0
+        self.total_prefill_tokens = 0
+        self.total_cached_tokens = 0
+        self.forward_ct = 0
+
+    # --- requests in ---------------------------------------------------------------
+
+    def validate_request(self, input_ids: list[int], max_new_tokens: int) -> None:
+        """Raise ValueError for a request that can never run."""
+        if not input_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(input_ids) >= self.context_len:
+            raise ValueError(
+                f"the prompt has {len(input_ids)} tokens, over the model's context length "
+                f"of {self.context_len} (at least one token must be left to generate)")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in input_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"input_ids contains token ids outside [0, {vocab}): {bad[:5]}")
+        if len(input_ids) + 1 > self.max_total_num_tokens:
+            raise ValueError(
+                f"the prompt has {len(input_ids)} tokens but the KV cache holds only "
+                f"{self.max_total_num_tokens}; raise --max-total-tokens")
+
+    def add_request(self, recv: TokenizedGenerateReqInput) -> None:
+        sp = recv.sampling_params
+        req = Req(recv.rid, recv.input_ids, sp, origin_input_text=recv.input_text,
+                  return_logprob=recv.return_logprob, logprob_start_len=recv.logprob_start_len,
+                  top_logprobs_num=recv.top_logprobs_num, stream=recv.stream,
+                  eos_token_ids=self.model_config.eos_token_ids)
+        if recv.rid in self._rids:
+            req.finished_reason = {"type": "abort", "status_code": 400,
+                                   "message": f"duplicate request id {recv.rid!r}"}
+            self._emit(req)
+            return
+        try:
+            self.validate_request(recv.input_ids, sp.max_new_tokens)
+        except ValueError as e:
+            req.finished_reason = {"type": "abort", "message": str(e), "status_code": 400}
+            self._emit(req)
+            return
+        # Never generate past the context window.
+        sp.max_new_tokens = min(sp.max_new_tokens, self.context_len - len(recv.input_ids))
+        if req.return_logprob and req.logprob_start_len >= 0:
+            req.logprob_start_len = min(req.logprob_start_len, len(req.origin_input_ids) - 1)
+            req.input_token_logprobs = []
+            req.input_top_logprobs = []
+            if req.logprob_start_len == 0:
+                req.input_token_logprobs.append((None, req.origin_input_ids[0]))
+                req.input_top_logprobs.append(None)
+        self._rids[recv.rid] = req
+        self.waiting_queue.append(req)
+
+    def abort_request(self, rid: str) -> None:
+        req = self._rids.get(rid)
+        if req is None:
+            return
+        if req in self.waiting_queue:
+            self.waiting_queue.remove(req)
+            self._finish(req, {"type": "abort", "message": "aborted by the client"})
+        else:
+            # Running or mid-prefill: released at the start of the next step, outside
+            # any forward that may be using its KV.
+            req.to_abort = True
+
+    # --- the loop ------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return bool(self.waiting_queue or self.running or self.chunked_req or self._to_emit)
+
+    def step(self) -> BatchTokenIDOut | None:
+        self._process_aborts()
+        batch = self.get_next_batch_to_run()
+        if batch is not None:
+            result = self.model_runner.forward_batch_generation(batch)
+            self.forward_ct += 1
+            self.process_batch_result(batch, result)
+        return self._collect_outputs()
+
+    def get_next_batch_to_run(self) -> ScheduleBatch | None:
+        prefill = self.get_new_batch_prefill()
+        if prefill is not None:
+            if self.server_args.enable_mixed_chunk and self.running:
+                return self._mix_with_decodes(prefill)
+            return prefill
+        if self.running:
+            return self.update_running_batch()
+        return None
+
+    # --- prefill admission ---------------------------------------------------------
+
+    def _running_growth(self) -> int:
+        """KV the running requests are still expected to need (conservative)."""
+        total = 0
+        for r in self.running:
+            left = min(r.sampling_params.max_new_tokens - len(r.output_ids), CLIP_MAX_NEW_TOKENS)
+            total += int(max(left, 0) * self.new_token_ratio)
+        return total
+
+    def get_new_batch_prefill(self) -> ScheduleBatch | None:
+        if not self.waiting_queue and self.chunked_req is None:
+            return None
+        num_running = len(self.running)
+        if num_running >= self.max_running_requests and self.chunked_req is None:
+            return None
+        budget = PrefillBudget(
+            rem_total_tokens=(self.allocator.available_size() + self.tree_cache.evictable_size()
+                              - self._running_growth()),
+            rem_input_tokens=self.server_args.max_prefill_tokens,
+            rem_chunk_tokens=self.chunked_prefill_size, page_size=self.page_size)
+        can_run: list[Req] = []
+        if self.chunked_req is not None:
+            req = self.chunked_req
+            self.chunked_req = None
+            req.fill_ids = req.all_ids
+            if not self._admit(req, budget, can_run):
+                # Keep it first in line; nothing else may overtake a half-done prefill.
+                self.chunked_req = req
+                return None
+        admitted = 0
+        for req in self.policy.order(self.waiting_queue):
+            if self.chunked_req is not None:
+                break
+            if num_running + len(can_run) >= self.max_running_requests:
+                break
+            req.init_next_round_input(None if self.server_args.disable_radix_cache
+                                      else self.tree_cache)
+            if not self._admit(req, budget, can_run):
+                break
+            admitted += 1
+        if not can_run:
+            return None
+        taken = {id(r) for r in can_run}
+        self.waiting_queue = [r for r in self.waiting_queue if id(r) not in taken]
+        out_loc = torch.cat([r.new_kv_slots for r in can_run])
+        return ScheduleBatch(can_run, ForwardMode.EXTEND, out_cache_loc=out_loc)
+
+    def _admit(self, req: Req, budget: PrefillBudget, can_run: list[Req]) -> bool:
+        """Try to add `req` (fill_ids and prefix set) to the prefill batch."""
+        fresh = req.req_pool_idx is None
+        prefix_len = len(req.prefix_indices) if fresh else req.kv_committed_len
+        extend_len = len(req.fill_ids) - prefix_len
+        n = budget.chunk_len(extend_len)
+        if n <= 0:
+            return False
+        probe_len = n if n < extend_len else extend_len
+        req.extend_input_len = probe_len
+        if not budget.fits(req, self.new_token_ratio) and (can_run or self.running):
+            return False
+        if fresh:
+            self.tree_cache.inc_lock_ref(req.last_node)
+            row = self.req_to_token_pool.alloc()
+            if row is None:
+                self.tree_cache.dec_lock_ref(req.last_node)
+                return False
+            req.req_pool_idx = row
+            if len(req.prefix_indices):
+                self.req_to_token_pool.write(row, 0, req.prefix_indices)
+                req.last_loc = int(req.prefix_indices[-1])
+            req.kv_committed_len = len(req.prefix_indices)
+        slots = self._alloc_for_req(req, n)
+        if slots is None:
+            if fresh:
+                self.tree_cache.dec_lock_ref(req.last_node)
+                self.req_to_token_pool.free(req.req_pool_idx)
+                req.req_pool_idx = None
+                req.kv_committed_len = 0
+            return False
+        if not req._cached_tokens_set:
+            req.cached_tokens = req.kv_committed_len
+            req._cached_tokens_set = True
+            self.total_cached_tokens += req.cached_tokens
+        req.fill_ids = req.fill_ids[:req.kv_committed_len + n]
+        req.is_chunked = n < extend_len
+        req.new_kv_slots = slots
+        budget.take(req, n, self.new_token_ratio)
+        can_run.append(req)
+        if req.is_chunked:
+            self.chunked_req = req
+        return True
+
+    def _make_room(self, num_tokens: int) -> None:
+        short = num_tokens - self.allocator.available_size()
+        if short > 0:
+            self.tree_cache.evict(short)
+
+    def _alloc_for_req(self, req: Req, n: int) -> torch.Tensor | None:
+        """KV slots for the next n tokens of req, evicting cached prefixes if needed."""
+        cur = req.kv_committed_len
+        self._make_room(self.allocator.pages_needed(cur, n) * self.page_size)
+        slots = self.allocator.alloc_for_seq(req.last_loc, cur, n)
+        if slots is not None:
+            self.req_to_token_pool.write(req.req_pool_idx, cur, slots)
+            req.last_loc = int(slots[-1])
+        return slots
+
+    def _mix_with_decodes(self, prefill: ScheduleBatch) -> ScheduleBatch:
+        """One prefill chunk and every running decode in the same forward."""
+        decode = self.update_running_batch()
+        if decode is None:
+            return prefill
+        for r in decode.reqs:  # decodes run as extends of one token here
+            r.fill_ids = r.all_ids
+        reqs = decode.reqs + prefill.reqs
+        out_loc = torch.cat([decode.out_cache_loc, prefill.out_cache_loc])
+        return ScheduleBatch(reqs, ForwardMode.MIXED, out_cache_loc=out_loc,
+                             num_decode_reqs=len(decode.reqs))
+
+    # --- decode ---------------------------------------------------------------------
+
+    def update_running_batch(self) -> ScheduleBatch | None:
+        """The running requests as one decode batch, retracting some if KV is short."""
+        self._retract_until_fits()
+        reqs = self.running
+        if not reqs:
+            return None
+        self._make_room(self._decode_need())
+        if self.page_size == 1:
+            locs = self.allocator.alloc(len(reqs))
+        else:
+            locs = torch.cat([self.allocator.alloc_for_seq(r.last_loc, r.kv_committed_len, 1)
+                              for r in reqs])
+        # One scatter for the whole batch: a write per request would cost a device
+        # copy each on the GPU.
+        rows = torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64)
+        cols = torch.tensor([r.kv_committed_len for r in reqs], dtype=torch.int64)
+        self.req_to_token_pool.write_many(rows, cols, locs)
+        for r, loc in zip(reqs, locs.tolist()):
+            r.last_loc = loc
+        self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO,
+                                   self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        return ScheduleBatch(list(reqs), ForwardMode.DECODE, out_cache_loc=locs)
+
+    def _decode_need(self) -> int:
+        return sum(self.allocator.pages_needed(r.kv_committed_len, 1) for r in self.running) \
+            * self.page_size
+
+    def _retract_until_fits(self) -> None:
+        while self.running:
+            free = self.allocator.available_size() + self.tree_cache.evictable_size()
+            if self._decode_need() <= free:
+                return
+            if len(self.running) == 1:
+                req = self.running.pop()
+                self._finish(req, {"type": "abort", "message":
+                                   "out of KV cache memory for this request alone"})
+                continue
+            # Newest first: it has the least work to lose.
+            req = self.running.pop()
+            self.tree_cache.cache_finished_req(req)
+            req.reset_for_retract()
+            self.waiting_queue.insert(0, req)
+            self.num_retractions += 1
+            self.new_token_ratio = min(1.0, self.new_token_ratio + RETRACT_RATIO_STEP)
+            logger.info("KV cache full: retracted %s (%d retractions so far)", req.rid,
+                        self.num_retractions)
+
+    # --- results --------------------------------------------------------------------
+
+    def process_batch_result(self, batch: ScheduleBatch, result: BatchResult) -> None:
+        is_decode = batch.forward_mode.is_decode()
+        for i, req in enumerate(batch.reqs):
+            prefilled = not is_decode and i >= batch.num_decode_reqs
+            if prefilled:
+                self.total_prefill_tokens += len(req.fill_ids) - req.kv_committed_len
+                req.kv_committed_len = len(req.fill_ids)
+            else:
+                req.kv_committed_len += 1
+            if prefilled:
+                self._record_prompt_logprobs(req, result, i)
+            if req.is_chunked:
+                self._cache_unfinished(req)
+                continue
+            if prefilled:
+                req.input_logprobs_done = True
+            if req.sampling_params.max_new_tokens == 0:
+                self._finish(req, {"type": "length", "length": 0})
+                continue
+            req.output_ids.append(result.next_token_ids[i])
+            if req.return_logprob and result.next_token_logprobs[i] is not None:
+                req.output_token_logprobs.append(result.next_token_logprobs[i])
+                req.output_top_logprobs.append(result.next_top_logprobs[i] or [])
+            reason = self._check_finished(req)
+            if reason is not None:
+                self._finish(req, reason)
+                continue
+            if prefilled:
+                # Share the prompt with concurrent requests right away.
+                self._cache_unfinished(req)
+            self._emit(req)
+        self.running = [r for r in self.running if not r.finished()]
+        if not is_decode:
+            self.running.extend(r for r in batch.reqs[batch.num_decode_reqs:]
+                                if not r.finished() and not r.is_chunked)
+
+    def _cache_unfinished(self, req: Req) -> None:
+        """Insert the request's KV into the tree; its row may now point at tree slots."""
+        self.tree_cache.cache_unfinished_req(req)
+        if len(req.prefix_indices):
+            req.last_loc = int(req.prefix_indices[-1])
+
+    def _record_prompt_logprobs(self, req: Req, result: BatchResult, i: int) -> None:
+        if result.input_logprobs[i] is None or req.input_token_logprobs is None:
+            return
+        req.input_token_logprobs.extend(result.input_logprobs[i])
+        req.input_top_logprobs.extend(result.input_top_logprobs[i])
+
+    def _check_finished(self, req: Req) -> dict[str, Any] | None:
+        sp = req.sampling_params
+        last = req.output_ids[-1]
+        if sp.stop_token_ids and last in sp.stop_token_ids:
+            return {"type": "stop", "matched": last}
+        if not sp.ignore_eos and last in req.eos_token_ids:
+            return {"type": "stop", "matched": last}
+        if sp.stop_strs and self.tokenizer is not None:
+            # Each token adds at least one character, so the last (longest stop + 1)
+            # tokens cover any stop string that the newest token completed.
+            tail = self.tokenizer.decode(req.output_ids[-(sp.stop_str_max_len + 1):],
+                                         skip_special_tokens=sp.skip_special_tokens)
+            for s in sp.stop_strs:
+                if s in tail:
+                    return {"type": "stop", "matched": s}
+        if len(req.output_ids) >= sp.max_new_tokens:
+            return {"type": "length", "length": sp.max_new_tokens}
+        if req.seqlen >= self.context_len:
+            return {"type": "length", "length": len(req.output_ids)}
+        return None
+
+    def _finish(self, req: Req, reason: dict[str, Any]) -> None:
+        req.finished_reason = reason
+        if req.req_pool_idx is not None:
+            self.tree_cache.cache_finished_req(req)
+            req.req_pool_idx = None
+        self._emit(req)
+
+    def _process_aborts(self) -> None:
+        aborted = {"type": "abort", "message": "aborted by the client"}
+        for req in [r for r in self.running if r.to_abort]:
+            self.running.remove(req)
+            self._finish(req, dict(aborted))
+        if self.chunked_req is not None and self.chunked_req.to_abort:
+            req, self.chunked_req = self.chunked_req, None
+            self._finish(req, dict(aborted))
+
+    # --- results out ----------------------------------------------------------------
+
+    def _emit(self, req: Req) -> None:
+        self._to_emit[req.rid] = req
+
+    def _collect_outputs(self) -> BatchTokenIDOut | None:
+        if not self._to_emit:
+            return None
+        out = BatchTokenIDOut([], [], [], [], [], [], [], [], [], [], [], [], [])
+        for rid, req in self._to_emit.items():
+            finished = req.finished()
+            if not (finished or req.stream):
+                continue
+            out.rids.append(rid)
+            out.new_output_ids.append(req.output_ids[req.sent_offset:])
+            req.sent_offset = len(req.output_ids)
+            out.finished_reasons.append(req.finished_reason)
+            out.prompt_tokens.append(len(req.origin_input_ids))
+            out.completion_tokens.append(len(req.output_ids))
+            out.cached_tokens.append(req.cached_tokens)
+            sp = req.sampling_params
+            out.skip_special_tokens.append(sp.skip_special_tokens)
+            out.spaces_between_special_tokens.append(sp.spaces_between_special_tokens)
+            out.no_stop_trim.append(sp.no_stop_trim)
+            self._append_logprobs(req, out)
+            if finished:
+                self._rids.pop(rid, None)
+        self._to_emit = {}
+        return out if out.rids else None
+
+    @staticmethod
+    def _append_logprobs(req: Req, out: BatchTokenIDOut) -> None:
+        if not req.return_logprob:
+            for lst in (out.output_token_logprobs, out.output_top_logprobs,
+                        out.input_token_logprobs, out.input_top_logprobs):
+                lst.append(None)
+            return
+        start = req.sent_logprob_offset
+        out.output_token_logprobs.append(req.output_token_logprobs[start:])
+        out.output_top_logprobs.append(req.output_top_logprobs[start:])
+        req.sent_logprob_offset = len(req.output_token_logprobs)
+        send_input = (not req.sent_input_logprobs and req.input_token_logprobs is not None
+                      and (req.input_logprobs_done or req.finished()))
+        out.input_token_logprobs.append(req.input_token_logprobs if send_input else None)
+        out.input_top_logprobs.append(req.input_top_logprobs if send_input else None)
+        if send_input:
+            req.sent_input_logprobs = True
+
+    # --- admin ----------------------------------------------------------------------
+
+    def flush_cache(self) -> bool:
+        """Drop the radix cache; refused while requests hold KV."""
+        if self.running or self.chunked_req or self.waiting_queue:
+            return False
+        self.tree_cache.reset()
+        return True
+
+    def get_server_info(self) -> ServerInfo:
+        return ServerInfo(
+            max_total_num_tokens=self.max_total_num_tokens,
+            available_tokens=self.allocator.available_size(),
+            evictable_tokens=self.tree_cache.evictable_size(),
+            protected_tokens=self.tree_cache.protected_size(),
+            num_running_reqs=len(self.running) + (1 if self.chunked_req else 0),
+            num_waiting_reqs=len(self.waiting_queue),
+            num_retractions=self.num_retractions,
+            total_prefill_tokens=self.total_prefill_tokens,
+            total_cached_tokens=self.total_cached_tokens)

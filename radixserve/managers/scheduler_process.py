@@ -1,0 +1,118 @@
+"""The server's scheduler process: a message loop around `Scheduler`.
+
+The offline Engine drives the same `Scheduler` in-process (calling add_request /
+step itself); here the requests arrive over ZMQ from the TokenizerManager and the
+token outputs leave for the detokenizer process (DESIGN.md §1).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from multiprocessing.connection import Connection
+from typing import Any
+
+import zmq
+
+from radixserve.managers.io_struct import (
+    AbortReq,
+    FlushCacheReq,
+    FlushCacheReqOutput,
+    GetServerInfoReq,
+    RegisterStopStrsReq,
+    TokenizedGenerateReqInput,
+)
+from radixserve.managers.ipc import PortArgs, start_parent_watchdog, zmq_socket
+from radixserve.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+# How long an idle scheduler blocks waiting for a request before checking again.
+_IDLE_POLL_MS = 50
+
+
+def model_info(scheduler: Any) -> dict[str, Any]:
+    """What the TokenizerManager needs to validate requests without the model."""
+    config = scheduler.model_config
+    info = scheduler.get_server_info()
+    return {
+        "model_path": config.model_path,
+        "context_len": int(config.context_len),
+        "vocab_size": int(config.vocab_size),
+        "eos_token_ids": sorted(int(t) for t in (config.eos_token_ids or ())),
+        "max_total_num_tokens": int(info.max_total_num_tokens),
+    }
+
+
+class SchedulerLoop:
+    """Owns the sockets; `run_forever` alternates receiving requests and stepping."""
+
+    def __init__(self, scheduler: Any, port_args: PortArgs) -> None:
+        self.scheduler = scheduler
+        context = zmq.Context(2)
+        self.recv = zmq_socket(context, zmq.PULL, port_args.scheduler_input_ipc, bind=True)
+        self.to_detokenizer = zmq_socket(context, zmq.PUSH, port_args.detokenizer_ipc, bind=False)
+        self.to_tokenizer = zmq_socket(context, zmq.PUSH, port_args.tokenizer_ipc, bind=False)
+
+    def run_forever(self) -> None:
+        while True:
+            busy = self.scheduler.has_work()
+            if busy or self.recv.poll(_IDLE_POLL_MS):
+                self._drain_requests()
+            if self.scheduler.has_work():
+                out = self.scheduler.step()
+                if out is not None and out.rids:
+                    self.to_detokenizer.send_pyobj(out)
+
+    def _drain_requests(self) -> None:
+        while True:
+            try:
+                msg = self.recv.recv_pyobj(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._dispatch(msg)
+
+    def _dispatch(self, msg: object) -> None:
+        if isinstance(msg, TokenizedGenerateReqInput):
+            # Sent ahead of any output on the same socket, so it arrives first.
+            stops = msg.sampling_params.stop_strs
+            if stops:
+                self.to_detokenizer.send_pyobj(RegisterStopStrsReq(msg.rid, list(stops)))
+            self.scheduler.add_request(msg)
+        elif isinstance(msg, AbortReq):
+            self.scheduler.abort_request(msg.rid)
+        elif isinstance(msg, FlushCacheReq):
+            self.to_tokenizer.send_pyobj(FlushCacheReqOutput(self.scheduler.flush_cache()))
+        elif isinstance(msg, GetServerInfoReq):
+            self.to_tokenizer.send_pyobj(self.scheduler.get_server_info())
+        else:
+            logger.warning("scheduler ignores unexpected message %r", type(msg).__name__)
+
+
+def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs,
+                          ready_pipe: Connection) -> None:
+    """Process entry: load the model, report readiness + model info, loop forever.
+
+    Any exception is logged and ends the process with a non-zero code; the API
+    server notices (its /health turns 503) and shuts down.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent shuts us down
+    logging.basicConfig(level=server_args.log_level.upper(),
+                        format="[scheduler] %(levelname)s %(message)s")
+    start_parent_watchdog()
+    try:
+        from radixserve.managers.scheduler import Scheduler
+
+        scheduler = Scheduler(server_args)
+        loop = SchedulerLoop(scheduler, port_args)
+        ready_pipe.send({"status": "ready", **model_info(scheduler)})
+    except Exception as exc:
+        logger.exception("scheduler failed to start")
+        ready_pipe.send({"status": "error", "message": repr(exc)})
+        sys.exit(1)
+    try:
+        loop.run_forever()
+    except Exception:
+        logger.exception("scheduler crashed")
+        sys.exit(1)

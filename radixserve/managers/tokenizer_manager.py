@@ -1,0 +1,421 @@
+"""TokenizerManager: the API server's side of the runtime (asyncio, main process).
+
+It tokenizes and validates requests, sends them to the scheduler process over ZMQ,
+and fans the detokenizer's BatchStrOut messages out to the waiting requests. The
+offline Engine instead drives Scheduler and Detokenizer in-process; the messages
+(io_struct) are the same, so both paths share the request semantics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import deque
+from dataclasses import dataclass, field, fields
+from typing import Any, AsyncIterator, Protocol
+
+import zmq
+import zmq.asyncio
+
+from radixserve.managers.io_struct import (
+    AbortReq,
+    BatchStrOut,
+    FlushCacheReq,
+    FlushCacheReqOutput,
+    GetServerInfoReq,
+    ServerInfo,
+    TokenizedGenerateReqInput,
+)
+from radixserve.managers.ipc import PortArgs, zmq_socket
+from radixserve.sampling_params import SamplingParams
+from radixserve.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+MAX_TOP_LOGPROBS = 20
+# How often a waiting non-streaming request checks whether its client left.
+_DISCONNECT_POLL_S = 0.5
+_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+
+
+class InvalidRequestError(ValueError):
+    """A client error: the HTTP layer answers 400 with `param` as the field name."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class ServerDeadError(RuntimeError):
+    """The scheduler or detokenizer process is gone; requests cannot complete."""
+
+
+class Disconnectable(Protocol):
+    async def is_disconnected(self) -> bool: ...
+
+
+@dataclass
+class GenerateReqInput:
+    """One /generate call: a prompt (or a batch of prompts), each sampled n times."""
+
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: dict[str, Any] = field(default_factory=dict)
+    rid: str | None = None
+    stream: bool = False
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
+
+
+@dataclass
+class _ReqState:
+    index: int
+    rid: str
+    prompt_tokens: int
+    queue: asyncio.Queue
+    return_logprob: bool
+    with_text: bool
+    text: str = ""
+    yielded: int = 0  # chars of `text` already yielded
+    ids_yielded: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: dict[str, Any] | None = None
+    finished: bool = False
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    input_token_logprobs: list[list[Any]] = field(default_factory=list)
+    input_top_logprobs: list[Any] = field(default_factory=list)
+    output_token_logprobs: list[list[Any]] = field(default_factory=list)
+    output_top_logprobs: list[Any] = field(default_factory=list)
+
+
+class TokenizerManager:
+    def __init__(self, server_args: ServerArgs, port_args: PortArgs,
+                 model_info: dict[str, Any], tokenizer: Any) -> None:
+        self.server_args = server_args
+        self.model_info = model_info
+        self.context_len: int = model_info["context_len"]
+        self.vocab_size: int = model_info["vocab_size"]
+        self.tokenizer = tokenizer
+        self.served_model_name = server_args.served_model_name or str(server_args.model_path)
+        self._sync_context = zmq.Context(1)
+        self._to_scheduler = zmq_socket(self._sync_context, zmq.PUSH,
+                                        port_args.scheduler_input_ipc, bind=False)
+        self._async_context = zmq.asyncio.Context(1)
+        self._from_workers = zmq_socket(self._async_context, zmq.PULL,
+                                        port_args.tokenizer_ipc, bind=True)
+        self._states: dict[str, _ReqState] = {}
+        self._info_waiters: deque[asyncio.Future] = deque()
+        self._flush_waiters: deque[asyncio.Future] = deque()
+        self.dead_reason: str | None = None
+        self._loop_task: asyncio.Task | None = None
+
+    # --- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the receive loop; call from inside the running event loop."""
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._handle_loop())
+
+    def mark_dead(self, reason: str) -> None:
+        """Fail every pending request at once instead of letting clients hang."""
+        if self.dead_reason is not None:
+            return
+        self.dead_reason = reason
+        for state in self._states.values():
+            state.queue.put_nowait(state)
+        for waiter in (*self._info_waiters, *self._flush_waiters):
+            if not waiter.done():
+                waiter.set_exception(ServerDeadError(reason))
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._states)
+
+    # --- generation ------------------------------------------------------------
+
+    def generate(self, obj: GenerateReqInput,
+                 request: Disconnectable | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Validate now (InvalidRequestError), then iterate the returned outputs:
+        {"index", "text", "delta", "output_ids", "meta_info", "finished"}.
+
+        Streaming requests yield every update; others yield once per finished
+        sample. index is prompt_index * n + sample_index. Nothing reaches the
+        scheduler until iteration starts; if the consumer stops early (client
+        disconnect, cancellation) the unfinished samples are aborted. `request`
+        lets a non-streaming request notice that its client left.
+        """
+        self._check_alive()
+        reqs = self._tokenize_and_validate(obj)
+        return self._run(reqs, obj.stream, obj.return_text_in_logprobs, request)
+
+    async def _run(self, reqs: list[TokenizedGenerateReqInput], stream: bool, with_text: bool,
+                   request: Disconnectable | None) -> AsyncIterator[dict[str, Any]]:
+        queue: asyncio.Queue = asyncio.Queue()
+        states = {
+            req.rid: _ReqState(index=index, rid=req.rid, prompt_tokens=len(req.input_ids),
+                               queue=queue, return_logprob=req.return_logprob,
+                               with_text=with_text)
+            for index, req in enumerate(reqs)
+        }
+        if any(rid in self._states for rid in states):
+            raise InvalidRequestError("a request with this rid is already running", "rid")
+        self._states.update(states)
+        try:
+            for req in reqs:
+                self._to_scheduler.send_pyobj(req)
+            remaining = len(states)
+            while remaining:
+                state = await self._next_update(queue, request)
+                if state is None:
+                    return  # the client went away; finally aborts the rest
+                self._check_alive()
+                reason = state.finish_reason or {}
+                if reason.get("status_code") == 400:
+                    raise InvalidRequestError(reason.get("message", "invalid request"))
+                if not (stream or state.finished):
+                    continue
+                output = self._snapshot(state)
+                if output is None:
+                    continue
+                if state.finished:
+                    remaining -= 1
+                yield output
+        finally:
+            for rid, state in states.items():
+                if self._states.pop(rid, None) is not None and not state.finished:
+                    self.abort_request(rid)
+
+    async def _next_update(self, queue: asyncio.Queue,
+                           request: Disconnectable | None) -> _ReqState | None:
+        while True:
+            if request is None:
+                return await queue.get()
+            try:
+                return await asyncio.wait_for(queue.get(), _DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return None
+
+    def _snapshot(self, state: _ReqState) -> dict[str, Any] | None:
+        if not state.finished and state.ids_yielded == len(state.output_ids):
+            return None  # a duplicate wake-up: nothing new
+        delta = state.text[state.yielded:]
+        state.yielded = len(state.text)
+        state.ids_yielded = len(state.output_ids)
+        meta: dict[str, Any] = {
+            "id": state.rid,
+            "finish_reason": state.finish_reason,
+            "prompt_tokens": state.prompt_tokens,
+            "completion_tokens": state.completion_tokens,
+            "cached_tokens": state.cached_tokens,
+        }
+        if state.return_logprob:
+            meta.update(
+                input_token_logprobs=state.input_token_logprobs,
+                output_token_logprobs=state.output_token_logprobs,
+                input_top_logprobs=state.input_top_logprobs,
+                output_top_logprobs=state.output_top_logprobs,
+            )
+        return {"index": state.index, "text": state.text, "delta": delta,
+                "output_ids": list(state.output_ids), "meta_info": meta,
+                "finished": state.finished}
+
+    def abort_request(self, rid: str) -> None:
+        """Abort a request; a base rid of an n > 1 or batch request aborts all its parts."""
+        parts = [r for r in self._states if r.startswith(rid + "-")]
+        for r in (rid, *parts):
+            self._to_scheduler.send_pyobj(AbortReq(r))
+
+    def _check_alive(self) -> None:
+        if self.dead_reason is not None:
+            raise ServerDeadError(self.dead_reason)
+
+    # --- tokenization and validation -------------------------------------------
+
+    def _tokenize_and_validate(self, obj: GenerateReqInput) -> list[TokenizedGenerateReqInput]:
+        prompts = self._prompts(obj)
+        params, budget = self._sampling_params(obj.sampling_params)
+        if not isinstance(obj.top_logprobs_num, int) or not (
+                0 <= obj.top_logprobs_num <= MAX_TOP_LOGPROBS):
+            raise InvalidRequestError(
+                f"top_logprobs_num must be an integer in [0, {MAX_TOP_LOGPROBS}], "
+                f"got {obj.top_logprobs_num!r}", "top_logprobs_num")
+        base_rid = obj.rid or uuid.uuid4().hex
+        total = len(prompts) * params.n
+        reqs = []
+        for i, (text, ids) in enumerate(prompts):
+            self._check_prompt_ids(ids)
+            req_params = self._fit_max_new_tokens(params, len(ids), budget)
+            if obj.return_logprob and obj.logprob_start_len >= len(ids):
+                raise InvalidRequestError(
+                    f"logprob_start_len ({obj.logprob_start_len}) must be smaller than the "
+                    f"prompt length ({len(ids)})", "logprob_start_len")
+            for j in range(params.n):
+                index = i * params.n + j
+                reqs.append(TokenizedGenerateReqInput(
+                    rid=base_rid if total == 1 else f"{base_rid}-{index}",
+                    input_text=text,
+                    input_ids=ids,
+                    sampling_params=req_params.copy_with_seed_offset(j),
+                    return_logprob=obj.return_logprob,
+                    logprob_start_len=obj.logprob_start_len,
+                    top_logprobs_num=obj.top_logprobs_num,
+                    stream=obj.stream,
+                ))
+        return reqs
+
+    def _prompts(self, obj: GenerateReqInput) -> list[tuple[str | None, list[int]]]:
+        if (obj.text is None) == (obj.input_ids is None):
+            raise InvalidRequestError("exactly one of text and input_ids must be given", "text")
+        if obj.text is not None:
+            texts = [obj.text] if isinstance(obj.text, str) else obj.text
+            if not isinstance(texts, list) or not texts or not all(
+                    isinstance(t, str) for t in texts):
+                raise InvalidRequestError("text must be a string or a non-empty list of strings",
+                                          "text")
+            if self.tokenizer is None:
+                raise InvalidRequestError("text needs a tokenizer (server runs with "
+                                          "--skip-tokenizer-init); send input_ids", "text")
+            return [(t, list(self.tokenizer.encode(t))) for t in texts]
+        ids = obj.input_ids
+        batch = ids if isinstance(ids, list) and ids and isinstance(ids[0], list) else [ids]
+        for seq in batch:
+            if not isinstance(seq, list) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in seq):
+                raise InvalidRequestError(
+                    "input_ids must be a list of integers or a list of such lists", "input_ids")
+        return [(None, list(seq)) for seq in batch]
+
+    def _check_prompt_ids(self, ids: list[int]) -> None:
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        if any(t < 0 or t >= self.vocab_size for t in ids):
+            raise InvalidRequestError(
+                f"input_ids must be in [0, {self.vocab_size})", "input_ids")
+        if len(ids) >= self.context_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens; the model's context length is "
+                f"{self.context_len}", "prompt")
+
+    def _sampling_params(self, raw: dict[str, Any] | None) -> tuple[SamplingParams, str]:
+        """Parse and check; also say where max_new_tokens came from: "explicit",
+        "default", or "room" (an explicit null: as many as the context allows,
+        OpenAI's meaning of a missing max_tokens)."""
+        if raw is not None and not isinstance(raw, dict):
+            raise InvalidRequestError("sampling_params must be an object", "sampling_params")
+        raw = dict(raw or {})
+        if "max_new_tokens" not in raw:
+            budget = "default"
+        else:
+            budget = "room" if raw["max_new_tokens"] is None else "explicit"
+        try:
+            params = SamplingParams.from_dict(raw)
+            params.verify()
+            params.normalize()
+        except (TypeError, ValueError) as exc:
+            message = str(exc)
+            name = message.split(" ", 1)[0].rstrip(":")
+            raise InvalidRequestError(message, name if name in _SAMPLING_FIELDS else
+                                      "sampling_params") from exc
+        return params, budget
+
+    def _fit_max_new_tokens(self, params: SamplingParams, prompt_len: int,
+                            budget: str) -> SamplingParams:
+        room = self.context_len - prompt_len
+        if budget == "explicit" and params.max_new_tokens > room:
+            raise InvalidRequestError(
+                f"max_new_tokens ({params.max_new_tokens}) is more than the "
+                f"{room} tokens left in the context ({self.context_len}) after the "
+                f"{prompt_len}-token prompt", "max_new_tokens")
+        if budget == "explicit" or (budget == "default" and params.max_new_tokens <= room):
+            return params
+        fitted = params.copy_with_seed_offset(0)
+        fitted.n = params.n
+        fitted.max_new_tokens = room
+        fitted.min_new_tokens = min(fitted.min_new_tokens, room)
+        return fitted
+
+    # --- control requests ------------------------------------------------------
+
+    async def get_server_info(self, timeout_s: float = 30.0) -> ServerInfo:
+        return await self._ask(GetServerInfoReq(), self._info_waiters, timeout_s)
+
+    async def flush_cache(self, timeout_s: float = 30.0) -> bool:
+        reply = await self._ask(FlushCacheReq(), self._flush_waiters, timeout_s)
+        return reply.success
+
+    async def _ask(self, msg: object, waiters: deque, timeout_s: float) -> Any:
+        self._check_alive()
+        future = asyncio.get_running_loop().create_future()
+        waiters.append(future)
+        self._to_scheduler.send_pyobj(msg)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except asyncio.TimeoutError:
+            # Keep the FIFO aligned with the scheduler's replies: the late reply
+            # resolves this (abandoned) future.
+            raise ServerDeadError(f"the scheduler did not answer {type(msg).__name__} "
+                                  f"within {timeout_s}s") from None
+
+    # --- receive loop ----------------------------------------------------------
+
+    async def _handle_loop(self) -> None:
+        while True:
+            msg = await self._from_workers.recv_pyobj()
+            if isinstance(msg, BatchStrOut):
+                self._dispatch_outputs(msg)
+            elif isinstance(msg, ServerInfo):
+                _resolve(self._info_waiters, msg)
+            elif isinstance(msg, FlushCacheReqOutput):
+                _resolve(self._flush_waiters, msg)
+            else:
+                logger.warning("tokenizer manager ignores unexpected %r", type(msg).__name__)
+
+    def _dispatch_outputs(self, out: BatchStrOut) -> None:
+        for i, rid in enumerate(out.rids):
+            state = self._states.get(rid)
+            if state is None:
+                continue  # aborted and forgotten already
+            state.text += out.text_deltas[i]
+            state.output_ids.extend(out.output_ids[i])
+            state.completion_tokens = out.completion_tokens[i]
+            state.cached_tokens = out.cached_tokens[i]
+            if state.return_logprob:
+                self._append_logprobs(state, out, i)
+            if out.finished_reasons[i] is not None:
+                state.finish_reason = out.finished_reasons[i]
+                state.finished = True
+            state.queue.put_nowait(state)
+
+    def _append_logprobs(self, state: _ReqState, out: BatchStrOut, i: int) -> None:
+        if out.input_token_logprobs[i]:
+            state.input_token_logprobs.extend(
+                self._with_text(out.input_token_logprobs[i], state.with_text))
+        if out.input_top_logprobs[i]:
+            state.input_top_logprobs.extend(
+                self._with_text(top, state.with_text) if top else None
+                for top in out.input_top_logprobs[i])
+        if out.output_token_logprobs[i]:
+            state.output_token_logprobs.extend(
+                self._with_text(out.output_token_logprobs[i], state.with_text))
+        if out.output_top_logprobs[i]:
+            state.output_top_logprobs.extend(
+                self._with_text(top, state.with_text) for top in out.output_top_logprobs[i])
+
+    def _with_text(self, pairs: list[tuple[Any, int]], with_text: bool) -> list[list[Any]]:
+        if not with_text or self.tokenizer is None:
+            return [[lp, tid, None] for lp, tid in pairs]
+        return [[lp, tid, self.tokenizer.decode([tid])] for lp, tid in pairs]
+
+
+def _resolve(waiters: deque, reply: Any) -> None:
+    while waiters:
+        future = waiters.popleft()
+        if not future.done():
+            future.set_result(reply)
+            return

@@ -1,0 +1,63 @@
+"""ForwardBatch: everything one forward pass needs, as tensors. Models read only this."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum, auto
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from radixserve.layers.attention.base import AttentionBackend
+    from radixserve.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+
+
+class ForwardMode(IntEnum):
+    EXTEND = auto()  # prefill (or a prefill chunk), possibly on top of a cached prefix
+    DECODE = auto()  # one new token per request
+    MIXED = auto()  # one prefill chunk plus decodes, run as an extend of length 1 for those
+    IDLE = auto()  # nothing to run (a data-parallel rank with no work)
+
+    def is_extend(self) -> bool:
+        return self in (ForwardMode.EXTEND, ForwardMode.MIXED)
+
+    def is_decode(self) -> bool:
+        return self == ForwardMode.DECODE
+
+    def is_mixed(self) -> bool:
+        return self == ForwardMode.MIXED
+
+    def is_idle(self) -> bool:
+        return self == ForwardMode.IDLE
+
+
+@dataclass
+class ForwardBatch:
+    forward_mode: ForwardMode
+    batch_size: int
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    req_pool_indices: torch.Tensor  # [batch] int64: rows of req_to_token
+    seq_lens: torch.Tensor  # [batch] int64: KV length after this forward (prefix + new)
+    out_cache_loc: torch.Tensor  # [num_tokens] int64: KV slot for each new token
+    seq_lens_cpu: list[int]
+    req_to_token_pool: "ReqToTokenPool"
+    token_to_kv_pool: "MHATokenToKVPool"
+    attn_backend: "AttentionBackend"
+    # Extend only (None for decode).
+    extend_prefix_lens: torch.Tensor | None = None  # [batch]
+    extend_seq_lens: torch.Tensor | None = None  # [batch]: new tokens per request
+    extend_start_loc: torch.Tensor | None = None  # [batch]: offset in input_ids
+    extend_prefix_lens_cpu: list[int] | None = None
+    extend_seq_lens_cpu: list[int] | None = None
+    # Which rows of the hidden states produce logits: the last token of each request,
+    # plus every prompt position for requests that asked for prompt logprobs.
+    logits_indices: torch.Tensor | None = None
+    # Attention backends keep their per-batch metadata here.
+    attn_metadata: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]

@@ -1,0 +1,68 @@
+"""load_model: build the architecture on the target device and fill its weights."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from radixserve.configs.model_config import ModelConfig
+from radixserve.model_loader.dummy import init_dummy_weights
+from radixserve.model_loader.gguf_loader import count_gguf_tensors, iterate_gguf, resolve_gguf_file
+from radixserve.model_loader.safetensors_loader import (count_tensors, iterate_safetensors,
+                                                        safetensors_files)
+from radixserve.models.registry import get_model_class
+from radixserve.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+
+def load_model(server_args: ServerArgs, model_config: ModelConfig) -> nn.Module:
+    model_cls = get_model_class(model_config.architecture)
+    device = torch.device(server_args.device)
+    # Parameters are allocated directly on the device in the serving dtype: no CPU copy
+    # of the whole model, and no float32 detour for bf16 weights.
+    with torch.device(device), _default_dtype(model_config.dtype):
+        model = model_cls(model_config.hf_config)
+    fmt = resolve_load_format(server_args)
+    if fmt == "dummy":
+        init_dummy_weights(model, seed=server_args.random_seed)
+    else:
+        weights, total = _weights(fmt, model_config)
+        model.load_weights(tqdm(weights, total=total, desc=f"Loading {fmt} weights",
+                                unit="tensor"))
+    logger.info("loaded %s (%s, %s) on %s", model_config.architecture, fmt,
+                model_config.dtype, device)
+    return model.eval()
+
+
+def resolve_load_format(server_args: ServerArgs) -> str:
+    if server_args.load_format != "auto":
+        return server_args.load_format
+    return "gguf" if server_args.is_gguf else "safetensors"
+
+
+def _weights(fmt: str, model_config: ModelConfig
+             ) -> tuple[Iterator[tuple[str, torch.Tensor]], int]:
+    path = model_config.model_path
+    if fmt == "gguf":
+        gguf_file = resolve_gguf_file(path)
+        return iterate_gguf(gguf_file, model_config.hf_config), count_gguf_tensors(gguf_file)
+    if not os.path.isdir(path):
+        raise ValueError(f"safetensors weights need a model folder, got {path}")
+    return iterate_safetensors(path), count_tensors(safetensors_files(path)[0])
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

@@ -1,0 +1,64 @@
+"""Iterate the tensors of an HF folder: one model.safetensors, or shards listed in
+model.safetensors.index.json. Unreadable files raise naming the file."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def safetensors_files(model_dir: str) -> tuple[list[str], dict[str, str] | None]:
+    """(files, weight_map) where weight_map is the index's tensor -> file, if sharded."""
+    index = os.path.join(model_dir, INDEX_FILE)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+        missing = [name for name in files if not os.path.isfile(os.path.join(model_dir, name))]
+        if missing:
+            raise ValueError(f"{index} lists shard files that do not exist: {missing}")
+        return [os.path.join(model_dir, name) for name in files], weight_map
+    files = sorted(os.path.join(model_dir, name) for name in os.listdir(model_dir)
+                   if name.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"{model_dir}: no .safetensors files (and no {INDEX_FILE})")
+    return files, None
+
+
+def count_tensors(files: list[str]) -> int:
+    total = 0
+    for path in files:
+        with _open(path) as f:
+            total += len(f.keys())
+    return total
+
+
+def iterate_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
+    files, weight_map = safetensors_files(model_dir)
+    for path in files:
+        with _open(path) as f:
+            names = list(f.keys())
+            if weight_map is not None:
+                listed = {n for n, file in weight_map.items() if file == os.path.basename(path)}
+                absent = sorted(listed - set(names))
+                if absent:
+                    raise ValueError(f"{path}: tensors listed in {INDEX_FILE} are absent: {absent}")
+            for name in names:
+                try:
+                    tensor = f.get_tensor(name)
+                except SafetensorError as e:
+                    raise ValueError(f"{path}: cannot read tensor {name!r}: {e}") from e
+                yield name, tensor
+
+
+def _open(path: str) -> safe_open:
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read safetensors file {path}: {e}") from e

@@ -1,0 +1,40 @@
+"""get_tokenizer: the HF tokenizer of an HF folder or a GGUF file, and its chat template.
+
+The template comes from tokenizer_config.json or the GGUF's `tokenizer.chat_template`
+(transformers reads both); `--chat-template` replaces it with a file's contents or,
+when no such file exists, with the given string itself.
+"""
+
+from __future__ import annotations
+
+import os
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from radixserve.model_loader.gguf_loader import resolve_gguf_file
+from radixserve.server_args import ServerArgs
+
+
+def get_tokenizer(server_args: ServerArgs) -> PreTrainedTokenizerBase:
+    path = str(server_args.tokenizer_path or server_args.model_path)
+    if path.endswith(".gguf") or (server_args.is_gguf and server_args.tokenizer_path is None):
+        gguf_file = resolve_gguf_file(path)
+        tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(gguf_file),
+                                                  gguf_file=os.path.basename(gguf_file))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=server_args.trust_remote_code)
+    if server_args.chat_template:
+        tokenizer.chat_template = load_chat_template(server_args.chat_template)
+    return tokenizer
+
+
+def load_chat_template(template: str) -> str:
+    """A Jinja template from a file path, or the argument itself when it is no file."""
+    if os.path.isfile(template):
+        with open(template, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in template:
+        # Neither a file nor Jinja: most likely a mistyped path.
+        raise ValueError(f"chat template {template!r} is neither a file nor a Jinja template")
+    return template

@@ -1,0 +1,195 @@
+"""Llama, and the base of the Llama-shaped families (Mistral, Qwen2, Qwen3).
+
+Per layer: RMSNorm -> packed QKV -> (q/k norm) -> RoPE -> RadixAttention -> o_proj,
+then RMSNorm (fused with the residual add) -> packed gate/up -> SiluAndMul -> down.
+The families differ only in a qkv bias and a per-head q/k RMSNorm, which the
+subclasses switch on through `qkv_bias` and `qk_norm`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from radixserve.configs.model_config import head_dim_of
+from radixserve.layers.activation import SiluAndMul
+from radixserve.layers.layernorm import RMSNorm
+from radixserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
+                                      RowParallelLinear)
+from radixserve.layers.radix_attention import RadixAttention
+from radixserve.layers.rotary_embedding import get_rope, rope_params
+from radixserve.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+from radixserve.model_executor.forward_batch import ForwardBatch
+
+# Our packed parameter <- the checkpoint's separate projections, with the shard id.
+_PACKED = {
+    "qkv_proj": (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")),
+    "gate_up_proj": (("gate_proj", 0), ("up_proj", 1)),
+}
+# Checkpoint tensors that carry nothing we need (old HF files saved RoPE's buffer).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2,
+                                                       bias=bias)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: PretrainedConfig, layer_id: int, qkv_bias: bool,
+                 qk_norm: bool) -> None:
+        super().__init__()
+        self.head_dim = head_dim_of(config)
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim,
+                                          config.num_attention_heads, num_kv_heads, bias=qkv_bias)
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim,
+                                        config.hidden_size, bias=_o_bias(config))
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.qk_norm = qk_norm
+        theta, scaling = rope_params(config)
+        self.rotary_emb = get_rope(self.head_dim, self.head_dim,
+                                   config.max_position_embeddings, theta, scaling)
+        self.attn = RadixAttention(self.qkv_proj.num_heads, self.head_dim, self.head_dim ** -0.5,
+                                   self.qkv_proj.num_kv_heads, layer_id)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                forward_batch: ForwardBatch) -> torch.Tensor:
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm:
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
+        # q, k, v stay strided views of the qkv output: the kernels and the backends
+        # read rows by stride, so no copies are made.
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, forward_batch))
+
+
+def _o_bias(config: PretrainedConfig) -> bool:
+    # Llama/Qwen3 `attention_bias` covers o_proj too; Qwen2's fixed qkv bias does not.
+    return bool(getattr(config, "attention_bias", False))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: PretrainedConfig, layer_id: int, qkv_bias: bool,
+                 qk_norm: bool) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_id, qkv_bias, qk_norm)
+        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size,
+                            bias=bool(getattr(config, "mlp_bias", False)))
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                residual: torch.Tensor | None, forward_batch: ForwardBatch
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The residual add of each sub-block is fused into the next norm.
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, forward_batch)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: PretrainedConfig, qkv_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, qkv_bias, qk_norm)
+            for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                forward_batch: ForwardBatch) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, forward_batch)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    qk_norm = False
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, self.qkv_bias(config), self.qk_norm)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head = self.model.embed_tokens
+        else:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+
+    @staticmethod
+    def qkv_bias(config: PretrainedConfig) -> bool:
+        return bool(getattr(config, "attention_bias", False))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                forward_batch: ForwardBatch) -> torch.Tensor:
+        """Hidden states after the final norm, [num_tokens, hidden]."""
+        return self.model(input_ids, positions, forward_batch)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.compute_logits(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors; raise naming every missing, unexpected or mis-shaped one."""
+        params = dict(self.named_parameters())
+        targets = {hf: (name, shard) for name in params for hf, shard in _checkpoint_names(name)}
+        seen: set[str] = set()
+        unexpected: list[str] = []
+        for hf_name, tensor in weights:
+            if hf_name.endswith(_IGNORED_SUFFIXES) or (
+                    self.tie_word_embeddings and hf_name == "lm_head.weight"):
+                continue
+            if hf_name not in targets:
+                unexpected.append(hf_name)
+                continue
+            name, shard = targets[hf_name]
+            param = params[name]
+            loader = getattr(param, "weight_loader", _default_loader)
+            try:
+                loader(param, tensor, shard)
+            except ValueError as e:
+                raise ValueError(f"checkpoint tensor {hf_name!r}: {e}") from e
+            seen.add(hf_name)
+        missing = sorted(set(targets) - seen)
+        if missing or unexpected:
+            raise ValueError(f"{type(self).__name__}: missing tensors {missing}, "
+                             f"unexpected tensors {sorted(unexpected)}")
+
+
+def _checkpoint_names(param_name: str) -> list[tuple[str, str | int | None]]:
+    """The HF tensor names (with shard ids) that fill one of our parameters."""
+    for packed, parts in _PACKED.items():
+        if f".{packed}." in param_name:
+            return [(param_name.replace(packed, hf), shard) for hf, shard in parts]
+    return [(param_name, None)]
+
+
+def _default_loader(param: nn.Parameter, loaded: torch.Tensor,
+                    shard_id: str | int | None = None) -> None:
+    if tuple(loaded.shape) != tuple(param.shape):
+        raise ValueError(f"shape {tuple(loaded.shape)} does not match the expected "
+                         f"{tuple(param.shape)}")
+    param.data.copy_(loaded)
+

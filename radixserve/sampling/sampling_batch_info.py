@@ -1,0 +1,108 @@
+"""SamplingBatchInfo: the sampling parameters of one batch as tensors on the device.
+
+Built on the host once per batch from the requests; the Sampler then reads only
+tensors, so a decode step on the GPU never waits for the host.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from radixserve.managers.schedule_batch import Req
+from radixserve.sampling.penalties import PenaltyState
+
+# Seeds are reduced into [0, 2**62) so that the sentinel -1 can never collide with one.
+_SEED_MODULUS = 1 << 62
+UNSEEDED = -1
+
+
+@dataclass
+class SamplingBatchInfo:
+    """Tensors for one batch of B requests, all on the same device."""
+
+    temperatures: torch.Tensor  # [B, 1] float32; greedy rows hold 1.0
+    top_ps: torch.Tensor  # [B] float32
+    # [B] int64; top-k "off" (-1 in SamplingParams) is stored as vocab_size, so that
+    # "rank < top_k" is the kept set for every row without a special case.
+    top_ks: torch.Tensor
+    min_ps: torch.Tensor  # [B] float32
+    is_all_greedy: bool  # every row has top_k == 1: the sampler is a plain argmax
+    need_top_p_top_k: bool  # some sampled row has top_p < 1 or 1 < top_k < vocab_size
+    need_min_p: bool  # some sampled row has min_p > 0
+    # [B] int64 seeds in [0, 2**62), UNSEEDED for rows that use torch's RNG; None when
+    # no row is seeded. A seeded row's sample depends only on (seed, step, probabilities).
+    seeds: torch.Tensor | None
+    steps: torch.Tensor | None  # [B] int64 len(output_ids); set exactly when seeds is
+    seeded_rows: torch.Tensor | None  # [S] int64 indices of the seeded sampled rows
+    penalties: PenaltyState | None
+    # (row, token) pairs whose logit is -inf because the row has produced fewer than
+    # min_new_tokens tokens and the token would end it (EOS or a stop token id).
+    min_tokens_rows: torch.Tensor | None  # [N] int64
+    min_tokens_cols: torch.Tensor | None  # [N] int64
+    vocab_size: int
+
+    @classmethod
+    def from_reqs(cls, reqs: list[Req], vocab_size: int,
+                  device: torch.device | str) -> "SamplingBatchInfo":
+        params = [r.sampling_params for r in reqs]
+        top_ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+        sampled = [p for p, k in zip(params, top_ks) if k != 1]
+        seeds = [UNSEEDED if p.seed is None else p.seed % _SEED_MODULUS for p in params]
+        seeded_rows = [i for i, (p, k) in enumerate(zip(params, top_ks))
+                       if p.seed is not None and k != 1]
+        any_seeded = bool(seeded_rows)
+        rows, cols = _min_tokens_blocklist(reqs, vocab_size)
+
+        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        return cls(
+            temperatures=tensor([float(p.temperature) for p in params],
+                                torch.float32).view(-1, 1),
+            top_ps=tensor([float(p.top_p) for p in params], torch.float32),
+            top_ks=tensor(top_ks, torch.int64),
+            min_ps=tensor([float(p.min_p) for p in params], torch.float32),
+            is_all_greedy=not sampled,
+            need_top_p_top_k=any(p.top_p < 1.0 or 1 < p.top_k < vocab_size for p in sampled),
+            need_min_p=any(p.min_p > 0.0 for p in sampled),
+            seeds=tensor(seeds, torch.int64) if any_seeded else None,
+            steps=tensor([len(r.output_ids) for r in reqs], torch.int64) if any_seeded else None,
+            seeded_rows=tensor(seeded_rows, torch.int64) if any_seeded else None,
+            penalties=PenaltyState.from_reqs(reqs, vocab_size, device),
+            min_tokens_rows=tensor(rows, torch.int64) if rows else None,
+            min_tokens_cols=tensor(cols, torch.int64) if rows else None,
+            vocab_size=vocab_size,
+        )
+
+    @property
+    def has_logits_processors(self) -> bool:
+        return self.penalties is not None or self.min_tokens_rows is not None
+
+    def apply_logits_processors(self, logits: torch.Tensor) -> None:
+        """Apply penalties and the min_new_tokens block to `logits` ([B, V] float32) in place."""
+        if self.penalties is not None:
+            self.penalties.apply(logits)
+        if self.min_tokens_rows is not None and self.min_tokens_cols is not None:
+            logits[self.min_tokens_rows, self.min_tokens_cols] = float("-inf")
+
+
+def _min_tokens_blocklist(reqs: list[Req], vocab_size: int) -> tuple[list[int], list[int]]:
+    """(rows, tokens) to block: every ending token of each request still under min_new_tokens.
+
+    ignore_eos does not matter here: min_new_tokens blocks EOS regardless. Ids outside the
+    vocabulary cannot be sampled anyway, so they are skipped instead of indexing out of range.
+    """
+    rows: list[int] = []
+    cols: list[int] = []
+    for i, req in enumerate(reqs):
+        params = req.sampling_params
+        if len(req.output_ids) >= params.min_new_tokens:
+            continue
+        enders = set(itertools.chain(req.eos_token_ids, params.stop_token_ids or ()))
+        valid = sorted(t for t in enders if 0 <= t < vocab_size)
+        rows.extend([i] * len(valid))
+        cols.extend(valid)
+    return rows, cols

@@ -1,0 +1,302 @@
+"""Weight loading: HF folders (single and sharded safetensors), GGUF, dummy weights,
+the tokenizer and chat template, and the errors for bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from radixserve.configs.model_config import ModelConfig
+from radixserve.model_loader import get_tokenizer, load_model
+from radixserve.model_loader.gguf_loader import open_gguf
+from radixserve.server_args import ServerArgs
+from tests.test_models import (assert_matches_hf, load_ours, make_checkpoint, max_rel_err,
+                               prefill_logits)
+
+SMOLLM2 = ServerArgs(device="cpu", dtype="float32").model_path
+PROMPT = "The quick brown fox jumps over the lazy dog because"
+
+
+def _args(path: str, **kw) -> ServerArgs:
+    return ServerArgs(model_path=path, device="cpu", dtype="float32", **kw)
+
+
+def _rewrite(path: str, edit) -> None:
+    """Apply `edit` to the tensors dict of the folder's model.safetensors."""
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_sharded_safetensors_load(tmp_path) -> None:
+    hf = make_checkpoint(str(tmp_path / "full"), "qwen3", head_dim=32)
+    hf.save_pretrained(str(tmp_path / "sharded"), max_shard_size="40KB")
+    shards = [n for n in os.listdir(tmp_path / "sharded") if n.endswith(".safetensors")]
+    assert len(shards) > 2 and (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    assert_matches_hf(str(tmp_path / "sharded"), hf)
+
+
+def test_missing_tensor_is_named(tmp_path) -> None:
+    make_checkpoint(str(tmp_path), "llama")
+    _rewrite(str(tmp_path), lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing tensors \['model\.layers\.1\.mlp\.up_proj"):
+        load_ours(str(tmp_path))
+
+
+def test_misshaped_tensor_is_named(tmp_path) -> None:
+    make_checkpoint(str(tmp_path), "llama")
+    _rewrite(str(tmp_path), lambda t: t.update(
+        {"model.layers.0.self_attn.k_proj.weight": torch.zeros(7, 64)}))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight.*\(7, 64\)"):
+        load_ours(str(tmp_path))
+
+
+def test_unexpected_tensor_is_named(tmp_path) -> None:
+    make_checkpoint(str(tmp_path), "llama")
+    _rewrite(str(tmp_path), lambda t: t.update({"model.extra.weight": torch.zeros(2)}))
+    with pytest.raises(ValueError, match=r"unexpected tensors \['model\.extra\.weight'\]"):
+        load_ours(str(tmp_path))
+
+
+def test_truncated_file_is_named(tmp_path) -> None:
+    make_checkpoint(str(tmp_path), "llama")
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        load_ours(str(tmp_path))
+
+
+def test_shard_missing_an_indexed_tensor_is_named(tmp_path) -> None:
+    hf = make_checkpoint(str(tmp_path / "full"), "llama")
+    path = tmp_path / "sharded"
+    hf.save_pretrained(str(path), max_shard_size="40KB")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["model.norm.weight"]
+    tensors = load_file(str(path / shard))
+    tensors.pop("model.norm.weight")
+    save_file(tensors, str(path / shard), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.norm\.weight"):
+        load_ours(str(path))
+
+
+def test_unknown_architecture(tmp_path) -> None:
+    make_checkpoint(str(tmp_path), "llama")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["architectures"] = ["FooForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="FooForCausalLM.*LlamaForCausalLM.*Qwen3ForCausalLM"):
+        load_ours(str(tmp_path))
+
+
+def test_dummy_weights_from_config_alone(tmp_path) -> None:
+    make_checkpoint(str(tmp_path / "ckpt"), "qwen2")
+    os.makedirs(tmp_path / "cfg")
+    shutil.copy(tmp_path / "ckpt" / "config.json", tmp_path / "cfg" / "config.json")
+    args = _args(str(tmp_path / "cfg"), load_format="dummy")
+    config = ModelConfig.from_server_args(args)
+    first, second = load_model(args, config), load_model(args, config)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs between two seeded dummy loads"
+    logits = prefill_logits(first, [[1, 2, 3]], 2, 2, 16)[0]
+    assert torch.isfinite(logits).all() and logits.std() > 0
+
+
+def test_model_config_reads_generation_config(tmp_path) -> None:
+    make_checkpoint(str(tmp_path), "llama", eos_token_id=2)
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [2, 7], "temperature": 0.6, "top_p": 0.9, "do_sample": True}))
+    config = ModelConfig.from_server_args(_args(str(tmp_path)))
+    assert config.eos_token_ids == {2, 7}
+    assert config.generation_defaults == {"temperature": 0.6, "top_p": 0.9}
+    assert config.context_len == 256 and config.head_dim == 16
+    assert config.architecture == "LlamaForCausalLM" and not config.tie_word_embeddings
+    assert ModelConfig.from_server_args(_args(str(tmp_path), context_length=100)).context_len == 100
+
+
+# --- GGUF -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_pair():
+    args = ServerArgs(device="cpu", dtype="float32")  # no path: the default model
+    config = ModelConfig.from_server_args(args)
+    ours = load_model(args, config)
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(SMOLLM2),
+                                              gguf_file=os.path.basename(SMOLLM2),
+                                              dtype=torch.float32).eval()
+    return ours, hf, config
+
+
+@pytest.fixture(scope="module")
+def gguf_tokenizer():
+    return get_tokenizer(ServerArgs(device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(gguf_tokenizer, tmp_path_factory) -> str:
+    """The GGUF tokenizer saved as an HF folder: the folder path of get_tokenizer."""
+    path = tmp_path_factory.mktemp("tokenizer")
+    gguf_tokenizer.save_pretrained(str(path))
+    return str(path)
+
+
+def test_smollm2_config_from_gguf_metadata(smollm2_pair) -> None:
+    _, _, config = smollm2_pair
+    assert (config.architecture, config.num_hidden_layers, config.hidden_size) == (
+        "LlamaForCausalLM", 30, 576)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (9, 3, 64)
+    assert config.vocab_size == 49152 and config.tie_word_embeddings
+    assert config.context_len == 8192 and config.eos_token_ids == {2}
+
+
+def test_smollm2_weights_equal_transformers_gguf_loading(smollm2_pair) -> None:
+    ours, hf, _ = smollm2_pair
+    ref = hf.state_dict()
+    for name, param in ours.named_parameters():
+        if ".qkv_proj." in name:
+            expected = torch.cat([ref[name.replace("qkv_proj", p)] for p in ("q_proj", "k_proj",
+                                                                             "v_proj")])
+        elif ".gate_up_proj." in name:
+            expected = torch.cat([ref[name.replace("gate_up_proj", p)]
+                                  for p in ("gate_proj", "up_proj")])
+        else:
+            expected = ref[name]
+        assert torch.equal(param, expected), name
+
+
+def test_smollm2_prefill_logits_match_transformers(smollm2_pair, gguf_tokenizer) -> None:
+    ours, hf, config = smollm2_pair
+    ids = gguf_tokenizer(PROMPT)["input_ids"]
+    got = prefill_logits(ours, [ids], config.num_hidden_layers, config.num_key_value_heads,
+                         config.head_dim)[0]
+    with torch.inference_mode():
+        ref = hf(torch.tensor([ids])).logits[0]
+    assert max_rel_err(got, ref) < 1e-4
+
+
+def _llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """What llama.cpp's converter does to llama Q/K rows (pairs interleaved per head)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
+        w.shape)
+
+
+_GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+               "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def _gguf_name(hf_name: str) -> str:
+    if hf_name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf_name == "model.norm.weight":
+        return "output_norm.weight"
+    _, _, layer, rest = hf_name.split(".", 3)
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{_GGUF_NAMES[module]}.{kind}"
+
+
+def _write_tiny_gguf(path: str, hf: torch.nn.Module, qtype: gguf.GGMLQuantizationType
+                     ) -> dict[str, np.ndarray]:
+    """A llama GGUF of `hf` (tied embeddings); returns the dequantized HF-named weights."""
+    c = hf.config
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_vocab_size(c.vocab_size)
+    w.add_eos_token_id(2)
+    expected = {}
+    for name, t in hf.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        array = t.numpy()
+        if name.endswith("q_proj.weight"):
+            array = _llama_cpp_permute(array, c.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            array = _llama_cpp_permute(array, c.num_key_value_heads)
+        kind = qtype if array.ndim == 2 else gguf.GGMLQuantizationType.F32
+        data = gguf.quants.quantize(array, kind)
+        w.add_tensor(_gguf_name(name), data, raw_dtype=kind)
+        # Quantization blocks lie within rows, so quantizing the unpermuted rows gives
+        # what the loader must return after undoing the permutation.
+        original = gguf.quants.quantize(t.numpy(), kind)
+        expected[name] = gguf.quants.dequantize(original, kind).reshape(array.shape)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return expected
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "F16"])
+def test_tiny_gguf_round_trip(tmp_path, qtype: str) -> None:
+    hf = make_checkpoint(str(tmp_path / "hf"), "llama", tie_word_embeddings=True)
+    path = str(tmp_path / "tiny.gguf")
+    expected = _write_tiny_gguf(path, hf, getattr(gguf.GGMLQuantizationType, qtype))
+    model, config = load_ours(path)
+    assert config.num_hidden_layers == 2 and config.tie_word_embeddings
+    assert config.eos_token_ids == {2}
+    ref = {name: torch.from_numpy(a) for name, a in expected.items()}
+    # Unpacking our packed params by the HF layout must give back every tensor.
+    for i in range(config.num_hidden_layers):
+        attn = model.model.layers[i].self_attn
+        q, k, v = attn.qkv_proj.weight.split([attn.q_size, attn.kv_size, attn.kv_size])
+        pre = f"model.layers.{i}."
+        assert torch.equal(q, ref[pre + "self_attn.q_proj.weight"])
+        assert torch.equal(k, ref[pre + "self_attn.k_proj.weight"])
+        assert torch.equal(v, ref[pre + "self_attn.v_proj.weight"])
+        gate, up = model.model.layers[i].mlp.gate_up_proj.weight.chunk(2)
+        assert torch.equal(gate, ref[pre + "mlp.gate_proj.weight"])
+        assert torch.equal(up, ref[pre + "mlp.up_proj.weight"])
+    assert torch.equal(model.model.embed_tokens.weight, ref["model.embed_tokens.weight"])
+    if qtype == "F16":  # close to the float32 original, so the model still matches HF
+        got = prefill_logits(model, [list(range(1, 30))], 2, 2, 16)[0]
+        with torch.inference_mode():
+            want = hf(torch.arange(1, 30)[None]).logits[0]
+        assert max_rel_err(got, want) < 1e-2
+
+
+def test_truncated_gguf_is_named(tmp_path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(open(SMOLLM2, "rb").read(4096))
+    with pytest.raises(ValueError, match="bad.gguf"):
+        load_ours(str(bad))
+
+
+# --- tokenizer -----------------------------------------------------------------------
+
+
+def test_gguf_tokenizer_and_chat_template(gguf_tokenizer) -> None:
+    reader = open_gguf(SMOLLM2)  # cached: already parsed by the model load
+    assert gguf_tokenizer.chat_template == reader.fields["tokenizer.chat_template"].contents()
+    text = gguf_tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}],
+                                              tokenize=False, add_generation_prompt=True)
+    assert "<|im_start|>user\nHi<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
+    ids = gguf_tokenizer("Hello world")["input_ids"]
+    assert gguf_tokenizer.decode(ids) == "Hello world"
+
+
+def test_chat_template_override(tmp_path, tokenizer_dir) -> None:
+    msgs = [{"role": "user", "content": "Hi"}]
+    tok = get_tokenizer(_args(tokenizer_dir, chat_template="{{ messages[0]['content'] }}!"))
+    assert tok.apply_chat_template(msgs, tokenize=False) == "Hi!"
+    (tmp_path / "t.jinja").write_text("<{{ messages[0]['role'] }}>")
+    tok = get_tokenizer(_args(tokenizer_dir, chat_template=str(tmp_path / "t.jinja")))
+    assert tok.apply_chat_template(msgs, tokenize=False) == "<user>"
+    with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
+        get_tokenizer(_args(tokenizer_dir, chat_template=str(tmp_path / "missing.jinja")))

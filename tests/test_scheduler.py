@@ -1,0 +1,140 @@
+"""Scheduling: radix reuse, chunked prefill, mixed batches, retraction and aborts.
+
+Every configuration must give the same greedy tokens as the plain one.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from radixserve.engine import Engine
+from radixserve.managers.io_struct import TokenizedGenerateReqInput
+from radixserve.sampling_params import SamplingParams
+from tests.model_factory import make_tiny_checkpoint
+
+GREEDY = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return str(make_tiny_checkpoint("qwen3", tmp_path_factory.mktemp("qwen3")))
+
+
+def shared_prefix_batch(seed: int = 0, groups: int = 3, per_group: int = 4) -> list[list[int]]:
+    rng = random.Random(seed)
+    batch = []
+    for _ in range(groups):
+        prefix = [rng.randrange(3, 40000) for _ in range(rng.randrange(20, 60))]
+        for _ in range(per_group):
+            batch.append(prefix + [rng.randrange(3, 40000) for _ in range(rng.randrange(1, 25))])
+    return batch
+
+
+@pytest.fixture(scope="module")
+def reference(model_path):
+    eng = Engine(model_path=model_path, max_total_tokens=16384, disable_radix_cache=True,
+                 chunked_prefill_size=-1)
+    prompts = shared_prefix_batch()
+    outs = [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=GREEDY)]
+    eng.shutdown()
+    return prompts, outs
+
+
+def assert_no_leak(engine: Engine) -> None:
+    info = engine.get_server_info()
+    assert info.num_running_reqs == 0 and info.num_waiting_reqs == 0
+    assert info.protected_tokens == 0
+    assert info.available_tokens + info.evictable_tokens == info.max_total_num_tokens
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},
+    {"chunked_prefill_size": 1},
+    {"chunked_prefill_size": 7},
+    {"chunked_prefill_size": 64},
+    {"chunked_prefill_size": 7, "disable_radix_cache": True},
+    {"chunked_prefill_size": 7, "enable_mixed_chunk": True},
+    {"page_size": 4},
+    {"page_size": 4, "chunked_prefill_size": 8},
+    {"schedule_policy": "lpm"},
+    {"schedule_policy": "dfs-weight", "page_size": 2},
+], ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) or "radix")
+def test_same_tokens_in_every_configuration(model_path, reference, kwargs):
+    prompts, expected = reference
+    eng = Engine(model_path=model_path, max_total_tokens=16384, **kwargs)
+    outs = eng.generate(input_ids=prompts, sampling_params=GREEDY)
+    assert [o["output_ids"] for o in outs] == expected
+    assert_no_leak(eng)
+    eng.shutdown()
+
+
+def test_prefix_reuse_is_real(model_path):
+    eng = Engine(model_path=model_path, max_total_tokens=16384)
+    rng = random.Random(1)
+    shared = [rng.randrange(3, 40000) for _ in range(200)]
+    first = eng.generate(input_ids=shared + [11, 12, 13], sampling_params=GREEDY)
+    before = eng.get_server_info().total_prefill_tokens
+    second = eng.generate(input_ids=shared + [21, 22], sampling_params=GREEDY)
+    computed = eng.get_server_info().total_prefill_tokens - before
+    assert first["meta_info"]["cached_tokens"] == 0
+    assert second["meta_info"]["cached_tokens"] >= 200
+    assert computed == 202 - second["meta_info"]["cached_tokens"]
+    assert computed <= 2
+    # Turning reuse off gives the same tokens with nothing cached.
+    off = Engine(model_path=model_path, max_total_tokens=16384, disable_radix_cache=True)
+    again = off.generate(input_ids=shared + [21, 22], sampling_params=GREEDY)
+    assert again["output_ids"] == second["output_ids"]
+    assert again["meta_info"]["cached_tokens"] == 0
+    assert_no_leak(eng)
+    assert_no_leak(off)
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_memory_pressure_retracts_and_completes(model_path, page_size):
+    rng = random.Random(2)
+    prompts = [[rng.randrange(3, 40000) for _ in range(rng.randrange(8, 40))] for _ in range(64)]
+    params = {"temperature": 0, "max_new_tokens": 48, "ignore_eos": True}
+    big = Engine(model_path=model_path, max_total_tokens=16384, page_size=page_size)
+    expected = [o["output_ids"] for o in big.generate(input_ids=prompts, sampling_params=params)]
+    # 64 requests need ~64 * (24 + 48) ≈ 4.6k tokens; give them a tenth of that.
+    small = Engine(model_path=model_path, max_total_tokens=512, page_size=page_size)
+    outs = small.generate(input_ids=prompts, sampling_params=params)
+    assert [o["output_ids"] for o in outs] == expected
+    assert small.get_server_info().num_retractions >= 1
+    assert_no_leak(small)
+
+
+def test_random_aborts_free_everything(model_path):
+    eng = Engine(model_path=model_path, max_total_tokens=1024, chunked_prefill_size=16)
+    sched = eng.scheduler
+    rng = random.Random(3)
+    rids = []
+    for i in range(100):
+        sp = SamplingParams(max_new_tokens=rng.randrange(1, 30), ignore_eos=True, temperature=0)
+        sp.verify()
+        sp.normalize()
+        ids = [rng.randrange(3, 40000) for _ in range(rng.randrange(1, 60))]
+        sched.add_request(TokenizedGenerateReqInput(f"r{i}", None, ids, sp))
+        rids.append(f"r{i}")
+    finished: dict[str, dict] = {}
+    to_abort = set(rng.sample(rids, 100))
+    steps = 0
+    while sched.has_work():
+        out = sched.step()
+        steps += 1
+        if out is not None:
+            for rid, reason in zip(out.rids, out.finished_reasons):
+                if reason is not None:
+                    finished[rid] = reason
+        # Abort a few requests at every stage: waiting, mid-prefill, decoding, finished.
+        for rid in rng.sample(sorted(to_abort), min(len(to_abort), rng.randrange(0, 4))):
+            sched.abort_request(rid)
+            to_abort.discard(rid)
+        assert steps < 5000
+    for rid in to_abort:
+        sched.abort_request(rid)
+    assert set(finished) == set(rids)
+    assert any(r["type"] == "abort" for r in finished.values())
+    assert_no_leak(eng)
