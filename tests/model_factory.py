@@ -65,12 +65,17 @@ def tiny_config(arch: str):
 ARCHS = ["llama", "llama-tied", "llama3-rope", "mistral", "qwen2", "qwen3"]
 
 
-def make_tiny_checkpoint(arch: str, path: Path, seed: int = 0) -> Path:
-    """Save a random float32 checkpoint (weights, config, tokenizer) under `path`."""
+def make_tiny_checkpoint(arch: str, path: Path, seed: int = 0,
+                         with_tokenizer: bool = True) -> Path:
+    """Save a random float32 checkpoint (weights, config, tokenizer) under `path`.
+
+    Without the tokenizer (GPU machines lack the SmolLM2 package) prompts are token ids.
+    """
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch), torch_dtype=torch.float32)
     model.save_pretrained(path)
-    smollm2_tokenizer().save_pretrained(path)
+    if with_tokenizer:
+        smollm2_tokenizer().save_pretrained(path)
     return path

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from radixserve.configs.model_config import ModelConfig
+from radixserve.configs.model_config import ModelConfig, head_dim_of
 from radixserve.model_loader import get_tokenizer, load_model
 from radixserve.model_loader.gguf_loader import open_gguf
 from radixserve.server_args import ServerArgs
@@ -158,19 +158,22 @@ def test_smollm2_config_from_gguf_metadata(smollm2_pair) -> None:
     assert config.context_len == 8192 and config.eos_token_ids == {2}
 
 
+def assert_weights_equal(model: torch.nn.Module, ref: dict[str, torch.Tensor]) -> None:
+    """Every parameter of ours equals the HF-named tensors it packs."""
+    packs = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    for name, param in model.named_parameters():
+        parts = next((p for packed, p in packs.items() if f".{packed}." in name), None)
+        if parts is None:
+            expected = ref[name]
+        else:
+            packed = next(k for k in packs if f".{k}." in name)
+            expected = torch.cat([ref[name.replace(packed, p)] for p in parts])
+        assert torch.equal(param, expected), name
+
+
 def test_smollm2_weights_equal_transformers_gguf_loading(smollm2_pair) -> None:
     ours, hf, _ = smollm2_pair
-    ref = hf.state_dict()
-    for name, param in ours.named_parameters():
-        if ".qkv_proj." in name:
-            expected = torch.cat([ref[name.replace("qkv_proj", p)] for p in ("q_proj", "k_proj",
-                                                                             "v_proj")])
-        elif ".gate_up_proj." in name:
-            expected = torch.cat([ref[name.replace("gate_up_proj", p)]
-                                  for p in ("gate_proj", "up_proj")])
-        else:
-            expected = ref[name]
-        assert torch.equal(param, expected), name
+    assert_weights_equal(ours, hf.state_dict())
 
 
 def test_smollm2_prefill_logits_match_transformers(smollm2_pair, gguf_tokenizer) -> None:
@@ -192,7 +195,8 @@ def _llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
 _GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
                "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 
 
 def _gguf_name(hf_name: str) -> str:
@@ -205,17 +209,19 @@ def _gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{_GGUF_NAMES[module]}.{kind}"
 
 
-def _write_tiny_gguf(path: str, hf: torch.nn.Module, qtype: gguf.GGMLQuantizationType
-                     ) -> dict[str, np.ndarray]:
-    """A llama GGUF of `hf` (tied embeddings); returns the dequantized HF-named weights."""
+def _write_tiny_gguf(path: str, hf: torch.nn.Module, arch: str,
+                     qtype: gguf.GGMLQuantizationType) -> dict[str, torch.Tensor]:
+    """`hf` as a GGUF of `arch` (tied embeddings); returns the HF-named weights the
+    loader must produce (each quantized and dequantized)."""
     c = hf.config
-    w = gguf.GGUFWriter(path, "llama")
+    w = gguf.GGUFWriter(path, arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(head_dim_of(c))
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_vocab_size(c.vocab_size)
@@ -224,18 +230,18 @@ def _write_tiny_gguf(path: str, hf: torch.nn.Module, qtype: gguf.GGMLQuantizatio
     for name, t in hf.state_dict().items():
         if name == "lm_head.weight":
             continue
-        array = t.numpy()
-        if name.endswith("q_proj.weight"):
-            array = _llama_cpp_permute(array, c.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
-            array = _llama_cpp_permute(array, c.num_key_value_heads)
-        kind = qtype if array.ndim == 2 else gguf.GGMLQuantizationType.F32
-        data = gguf.quants.quantize(array, kind)
-        w.add_tensor(_gguf_name(name), data, raw_dtype=kind)
+        original = t.numpy()
+        kind = qtype if original.ndim == 2 else gguf.GGMLQuantizationType.F32
+        stored = original
+        if arch == "llama" and name.endswith("q_proj.weight"):
+            stored = _llama_cpp_permute(original, c.num_attention_heads)
+        elif arch == "llama" and name.endswith("k_proj.weight"):
+            stored = _llama_cpp_permute(original, c.num_key_value_heads)
+        w.add_tensor(_gguf_name(name), gguf.quants.quantize(stored, kind), raw_dtype=kind)
         # Quantization blocks lie within rows, so quantizing the unpermuted rows gives
         # what the loader must return after undoing the permutation.
-        original = gguf.quants.quantize(t.numpy(), kind)
-        expected[name] = gguf.quants.dequantize(original, kind).reshape(array.shape)
+        restored = gguf.quants.dequantize(gguf.quants.quantize(original, kind), kind)
+        expected[name] = torch.from_numpy(restored.reshape(original.shape).copy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -243,32 +249,23 @@ def _write_tiny_gguf(path: str, hf: torch.nn.Module, qtype: gguf.GGMLQuantizatio
     return expected
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "F16"])
-def test_tiny_gguf_round_trip(tmp_path, qtype: str) -> None:
-    hf = make_checkpoint(str(tmp_path / "hf"), "llama", tie_word_embeddings=True)
+@pytest.mark.parametrize("arch,qtype", [("llama", "Q8_0"), ("llama", "Q4_0"), ("llama", "F16"),
+                                        ("llama", "BF16"), ("qwen2", "Q4_1"), ("qwen3", "F16")])
+def test_tiny_gguf_round_trip(tmp_path, arch: str, qtype: str) -> None:
+    extra = {"qwen3": {"head_dim": 32}}.get(arch, {})
+    hf = make_checkpoint(str(tmp_path / "hf"), arch, tie_word_embeddings=True, **extra)
     path = str(tmp_path / "tiny.gguf")
-    expected = _write_tiny_gguf(path, hf, getattr(gguf.GGMLQuantizationType, qtype))
+    expected = _write_tiny_gguf(path, hf, arch, getattr(gguf.GGMLQuantizationType, qtype))
     model, config = load_ours(path)
-    assert config.num_hidden_layers == 2 and config.tie_word_embeddings
-    assert config.eos_token_ids == {2}
-    ref = {name: torch.from_numpy(a) for name, a in expected.items()}
-    # Unpacking our packed params by the HF layout must give back every tensor.
-    for i in range(config.num_hidden_layers):
-        attn = model.model.layers[i].self_attn
-        q, k, v = attn.qkv_proj.weight.split([attn.q_size, attn.kv_size, attn.kv_size])
-        pre = f"model.layers.{i}."
-        assert torch.equal(q, ref[pre + "self_attn.q_proj.weight"])
-        assert torch.equal(k, ref[pre + "self_attn.k_proj.weight"])
-        assert torch.equal(v, ref[pre + "self_attn.v_proj.weight"])
-        gate, up = model.model.layers[i].mlp.gate_up_proj.weight.chunk(2)
-        assert torch.equal(gate, ref[pre + "mlp.gate_proj.weight"])
-        assert torch.equal(up, ref[pre + "mlp.up_proj.weight"])
-    assert torch.equal(model.model.embed_tokens.weight, ref["model.embed_tokens.weight"])
-    if qtype == "F16":  # close to the float32 original, so the model still matches HF
-        got = prefill_logits(model, [list(range(1, 30))], 2, 2, 16)[0]
+    assert config.architecture == type(hf).__name__ and config.tie_word_embeddings
+    assert (config.num_hidden_layers, config.head_dim, config.eos_token_ids) == (
+        2, head_dim_of(hf.config), {2})
+    assert_weights_equal(model, expected)
+    if qtype in ("F16", "BF16"):  # close to the float32 weights: still HF's model
+        got = prefill_logits(model, [list(range(1, 30))], 2, 2, config.head_dim)[0]
         with torch.inference_mode():
             want = hf(torch.arange(1, 30)[None]).logits[0]
-        assert max_rel_err(got, want) < 1e-2
+        assert max_rel_err(got, want) < 2e-2
 
 
 def test_truncated_gguf_is_named(tmp_path) -> None:

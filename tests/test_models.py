@@ -55,21 +55,24 @@ def make_checkpoint(path: str, model_type: str, seed: int = 0, **overrides) -> t
 def prefill_logits(model: torch.nn.Module, prompts: list[list[int]], num_layers: int,
                    num_kv_heads: int, head_dim: int) -> list[torch.Tensor]:
     """Run all prompts as one EXTEND batch with no cached prefix; logits per prompt."""
+    param = next(model.parameters())
+    dev = param.device
     lens = [len(p) for p in prompts]
     total = sum(lens)
-    req_pool = ReqToTokenPool(len(prompts), max(lens), "cpu")
-    kv_pool = MHATokenToKVPool(total, torch.float32, num_kv_heads, head_dim, num_layers, "cpu")
-    slots = torch.arange(1, total + 1)  # slot 0 is reserved for padding
+    req_pool = ReqToTokenPool(len(prompts), max(lens), dev)
+    kv_pool = MHATokenToKVPool(total, param.dtype, num_kv_heads, head_dim, num_layers, dev)
+    slots = torch.arange(1, total + 1, device=dev)  # slot 0 is reserved for padding
     start = 0
     for row, n in enumerate(lens):
         req_pool.write(row, 0, slots[start:start + n])
         start += n
-    lens_t = torch.tensor(lens)
+    lens_t = torch.tensor(lens, device=dev)
     fb = ForwardBatch(
         forward_mode=ForwardMode.EXTEND, batch_size=len(prompts),
-        input_ids=torch.tensor([t for p in prompts for t in p]),
-        positions=torch.cat([torch.arange(n) for n in lens]),
-        req_pool_indices=torch.arange(len(prompts)), seq_lens=lens_t, out_cache_loc=slots,
+        input_ids=torch.tensor([t for p in prompts for t in p], device=dev),
+        positions=torch.cat([torch.arange(n, device=dev) for n in lens]),
+        req_pool_indices=torch.arange(len(prompts), device=dev), seq_lens=lens_t,
+        out_cache_loc=slots,
         seq_lens_cpu=lens, req_to_token_pool=req_pool, token_to_kv_pool=kv_pool,
         attn_backend=TorchNativeAttnBackend(), extend_prefix_lens=torch.zeros_like(lens_t),
         extend_seq_lens=lens_t, extend_start_loc=torch.cumsum(lens_t, 0) - lens_t,
@@ -111,6 +114,7 @@ def test_prefill_logits_match_hf(tmp_path, case: str) -> None:
     assert_matches_hf(str(tmp_path), hf)
 
 
+@pytest.mark.filterwarnings("ignore:`rope_scaling` is deprecated")
 def test_old_style_rope_config_is_read() -> None:
     config = AutoConfig.for_model("llama", **TINY)
     config.rope_parameters = None

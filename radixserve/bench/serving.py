@@ -79,7 +79,8 @@ def sharegpt_dataset(tokenizer: Any, path: str, num: int, output_len: int | None
         prompt_len = len(tokenizer.encode(prompt))
         n_out = output_len or len(tokenizer.encode(reply))
         # Skip degenerate pairs, as usual for this dataset.
-        if prompt_len < 4 or n_out < 4 or prompt_len > 1024 or prompt_len + n_out > 2048:
+        too_short = prompt_len < 4 or (output_len is None and n_out < 4)
+        if too_short or prompt_len > 1024 or prompt_len + n_out > 2048:
             continue
         reqs.append(BenchRequest(prompt, prompt_len, n_out))
         if len(reqs) == num:

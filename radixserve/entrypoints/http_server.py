@@ -176,12 +176,15 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs,
     async def health_generate() -> Response:
         obj = GenerateReqInput(input_ids=[0], rid=f"HEALTH_CHECK_{uuid.uuid4().hex}",
                                sampling_params={"max_new_tokens": 1, "temperature": 0.0})
+
+        async def run_one() -> None:
+            async with aclosing(tm.generate(obj)) as gen:
+                async for _ in gen:
+                    pass
+
         try:
-            async with asyncio.timeout(_HEALTH_GENERATE_TIMEOUT_S):
-                async with aclosing(tm.generate(obj)) as gen:
-                    async for _ in gen:
-                        pass
-        except (TimeoutError, ServerDeadError) as exc:
+            await asyncio.wait_for(run_one(), _HEALTH_GENERATE_TIMEOUT_S)
+        except (asyncio.TimeoutError, ServerDeadError) as exc:
             return PlainTextResponse(f"unhealthy: {exc!r}", status_code=503)
         return PlainTextResponse("ok")
 

@@ -14,9 +14,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _check_shape(loaded: torch.Tensor, expected: tuple[int, ...]) -> None:
+def check_weight_shape(loaded: torch.Tensor, expected: tuple[int, ...] | torch.Size) -> None:
+    """The checkpoint tensor must have its full (unsharded) shape: never load a prefix."""
     if tuple(loaded.shape) != tuple(expected):
-        raise ValueError(f"shape {tuple(loaded.shape)} does not match the expected {tuple(expected)}")
+        raise ValueError(f"shape {tuple(loaded.shape)} does not match the expected "
+                         f"{tuple(expected)}")
+
+
+def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor,
+                          shard_id: str | int | None = None) -> None:
+    """For parameters that are never split (norm weights)."""
+    check_weight_shape(loaded_weight, param.shape)
+    param.data.copy_(loaded_weight)
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -60,7 +69,7 @@ class ColumnParallelLinear(LinearBase):
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor,
                       shard_id: str | int | None = None) -> None:
         rows = param.shape[0]
-        _check_shape(loaded_weight, (rows * self.tp_size, *param.shape[1:]))
+        check_weight_shape(loaded_weight, (rows * self.tp_size, *param.shape[1:]))
         param.data.copy_(loaded_weight.narrow(0, self.tp_rank * rows, rows))
 
 
@@ -84,7 +93,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         total = self.output_sizes[shard_id]
         size = _divide(total, self.tp_size, "output size")
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        _check_shape(loaded_weight, (total, *param.shape[1:]))
+        check_weight_shape(loaded_weight, (total, *param.shape[1:]))
         param.data.narrow(0, offset, size).copy_(
             loaded_weight.narrow(0, self.tp_rank * size, size))
 
@@ -120,7 +129,7 @@ class QKVParallelLinear(ColumnParallelLinear):
                       shard_id: str | int | None = None) -> None:
         if shard_id not in self.total_sizes:
             raise ValueError(f"shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
-        _check_shape(loaded_weight, (self.total_sizes[shard_id], *param.shape[1:]))
+        check_weight_shape(loaded_weight, (self.total_sizes[shard_id], *param.shape[1:]))
         if shard_id == "q":
             offset, size, rank = 0, self.q_size, self.tp_rank
         else:
@@ -140,11 +149,11 @@ class RowParallelLinear(LinearBase):
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor,
                       shard_id: str | int | None = None) -> None:
         if param.dim() == 1:  # the bias is not split: rank 0 alone adds it
-            _check_shape(loaded_weight, param.shape)
+            check_weight_shape(loaded_weight, param.shape)
             param.data.copy_(loaded_weight)
             return
         cols = param.shape[1]
-        _check_shape(loaded_weight, (param.shape[0], cols * self.tp_size))
+        check_weight_shape(loaded_weight, (param.shape[0], cols * self.tp_size))
         param.data.copy_(loaded_weight.narrow(1, self.tp_rank * cols, cols))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

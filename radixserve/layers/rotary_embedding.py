@@ -66,7 +66,8 @@ class RotaryEmbedding(nn.Module):
         if query.is_cuda:
             kernel = _triton_apply_rotary()
             if kernel is not None:
-                kernel(query, key, positions, self.cos_sin_cache, self.is_neox_style, self.head_size)
+                kernel(query, key, positions, self.cos_sin_cache, self.is_neox_style,
+                       self.head_size)
                 return query, key
         return self.forward_native(positions, query, key)
 

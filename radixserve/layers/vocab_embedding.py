@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixserve.layers.linear import check_weight_shape
+
 
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, tp_rank: int = 0,
@@ -28,10 +30,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor,
                       shard_id: str | int | None = None) -> None:
-        expected = (self.num_embeddings, self.embedding_dim)
-        if tuple(loaded_weight.shape) != expected:
-            raise ValueError(f"shape {tuple(loaded_weight.shape)} does not match the expected "
-                             f"{expected}")
+        check_weight_shape(loaded_weight, (self.num_embeddings, self.embedding_dim))
         rows = self.vocab_end - self.vocab_start
         param.data[:rows].copy_(loaded_weight[self.vocab_start:self.vocab_end])
         param.data[rows:].zero_()

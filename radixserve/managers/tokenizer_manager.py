@@ -367,14 +367,20 @@ class TokenizerManager:
     async def _handle_loop(self) -> None:
         while True:
             msg = await self._from_workers.recv_pyobj()
-            if isinstance(msg, BatchStrOut):
-                self._dispatch_outputs(msg)
-            elif isinstance(msg, ServerInfo):
-                _resolve(self._info_waiters, msg)
-            elif isinstance(msg, FlushCacheReqOutput):
-                _resolve(self._flush_waiters, msg)
-            else:
-                logger.warning("tokenizer manager ignores unexpected %r", type(msg).__name__)
+            try:
+                self._dispatch(msg)
+            except Exception:  # one bad message must not strand every other request
+                logger.exception("failed to dispatch %r", type(msg).__name__)
+
+    def _dispatch(self, msg: object) -> None:
+        if isinstance(msg, BatchStrOut):
+            self._dispatch_outputs(msg)
+        elif isinstance(msg, ServerInfo):
+            _resolve(self._info_waiters, msg)
+        elif isinstance(msg, FlushCacheReqOutput):
+            _resolve(self._flush_waiters, msg)
+        else:
+            logger.warning("tokenizer manager ignores unexpected %r", type(msg).__name__)
 
     def _dispatch_outputs(self, out: BatchStrOut) -> None:
         for i, rid in enumerate(out.rids):

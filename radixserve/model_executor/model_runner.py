@@ -119,7 +119,9 @@ class ModelRunner:
         if name == "triton":
             from radixserve.layers.attention.triton import TritonAttnBackend
 
-            return TritonAttnBackend(self)
+            mc = self.model_config
+            return TritonAttnBackend(mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim,
+                                     self.device, self.max_context_len)
         raise ValueError(f"unknown attention backend {name!r} (torch_native, triton)")
 
     # --- forward ------------------------------------------------------------------

@@ -18,9 +18,9 @@ from radixserve.configs.model_config import head_dim_of
 from radixserve.layers.activation import SiluAndMul
 from radixserve.layers.layernorm import RMSNorm
 from radixserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
-                                      RowParallelLinear)
+                                      RowParallelLinear, default_weight_loader)
 from radixserve.layers.radix_attention import RadixAttention
-from radixserve.layers.rotary_embedding import get_rope, rope_params
+from radixserve.layers.rotary_embedding import RotaryEmbedding, get_rope, rope_params
 from radixserve.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
 from radixserve.model_executor.forward_batch import ForwardBatch
 
@@ -46,8 +46,8 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, layer_id: int, qkv_bias: bool,
-                 qk_norm: bool) -> None:
+    def __init__(self, config: PretrainedConfig, layer_id: int, rotary_emb: RotaryEmbedding,
+                 qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
         self.head_dim = head_dim_of(config)
         num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -60,9 +60,7 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.qk_norm = qk_norm
-        theta, scaling = rope_params(config)
-        self.rotary_emb = get_rope(self.head_dim, self.head_dim,
-                                   config.max_position_embeddings, theta, scaling)
+        self.rotary_emb = rotary_emb
         self.attn = RadixAttention(self.qkv_proj.num_heads, self.head_dim, self.head_dim ** -0.5,
                                    self.qkv_proj.num_kv_heads, layer_id)
 
@@ -84,10 +82,10 @@ def _o_bias(config: PretrainedConfig) -> bool:
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, layer_id: int, qkv_bias: bool,
-                 qk_norm: bool) -> None:
+    def __init__(self, config: PretrainedConfig, layer_id: int, rotary_emb: RotaryEmbedding,
+                 qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_id, qkv_bias, qk_norm)
+        self.self_attn = LlamaAttention(config, layer_id, rotary_emb, qkv_bias, qk_norm)
         self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size,
                             bias=bool(getattr(config, "mlp_bias", False)))
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -111,8 +109,12 @@ class LlamaModel(nn.Module):
     def __init__(self, config: PretrainedConfig, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        # One cos/sin table for all layers (it is 64 MiB at Llama 3.1's 128k positions).
+        theta, scaling = rope_params(config)
+        head_dim = head_dim_of(config)
+        rotary_emb = get_rope(head_dim, head_dim, config.max_position_embeddings, theta, scaling)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, qkv_bias, qk_norm)
+            LlamaDecoderLayer(config, i, rotary_emb, qkv_bias, qk_norm)
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -166,7 +168,7 @@ class LlamaForCausalLM(nn.Module):
                 continue
             name, shard = targets[hf_name]
             param = params[name]
-            loader = getattr(param, "weight_loader", _default_loader)
+            loader = getattr(param, "weight_loader", default_weight_loader)
             try:
                 loader(param, tensor, shard)
             except ValueError as e:
@@ -184,12 +186,4 @@ def _checkpoint_names(param_name: str) -> list[tuple[str, str | int | None]]:
         if f".{packed}." in param_name:
             return [(param_name.replace(packed, hf), shard) for hf, shard in parts]
     return [(param_name, None)]
-
-
-def _default_loader(param: nn.Parameter, loaded: torch.Tensor,
-                    shard_id: str | int | None = None) -> None:
-    if tuple(loaded.shape) != tuple(param.shape):
-        raise ValueError(f"shape {tuple(loaded.shape)} does not match the expected "
-                         f"{tuple(param.shape)}")
-    param.data.copy_(loaded)
 

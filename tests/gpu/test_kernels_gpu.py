@@ -11,20 +11,28 @@ import random
 import pytest
 import torch
 
-from radixserve.layers.attention.torch_native import TorchNativeAttnBackend
-from radixserve.layers.attention.triton import TritonAttnBackend
-from radixserve.layers.attention.triton_ops.decode_attention import (
+if not torch.cuda.is_available():
+    # Skip before the kernel modules are imported: on CPU they must be decorated in
+    # interpreter mode, which tests/test_triton_kernels.py arranges when it comes first.
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from radixserve.layers.attention.torch_native import TorchNativeAttnBackend  # noqa: E402
+from radixserve.layers.attention.triton import TritonAttnBackend  # noqa: E402
+from radixserve.layers.attention.triton_ops.decode_attention import (  # noqa: E402
     alloc_decode_scratch, decode_attention_fwd, decode_attention_reference)
-from radixserve.layers.attention.triton_ops.extend_attention import (
+from radixserve.layers.attention.triton_ops.extend_attention import (  # noqa: E402
     extend_attention_fwd, extend_attention_reference)
-from radixserve.layers.attention.triton_ops.kv_store import store_kv, store_kv_reference
-from radixserve.layers.radix_attention import RadixAttention
-from radixserve.layers.triton_kernels import apply_rotary_, fused_add_rmsnorm, rmsnorm, silu_and_mul
-from radixserve.layers.triton_kernels.activation import silu_and_mul_reference
-from radixserve.layers.triton_kernels.rmsnorm import fused_add_rmsnorm_reference, rmsnorm_reference
-from radixserve.layers.triton_kernels.rotary import apply_rotary_reference
-from radixserve.model_executor.forward_batch import ForwardMode
-from tests.test_triton_kernels import PagedKV, make_batch, randn, rel_err, run_backend
+from radixserve.layers.attention.triton_ops.kv_store import (  # noqa: E402
+    store_kv, store_kv_reference)
+from radixserve.layers.radix_attention import RadixAttention  # noqa: E402
+from radixserve.layers.triton_kernels import (  # noqa: E402
+    apply_rotary_, fused_add_rmsnorm, rmsnorm, silu_and_mul)
+from radixserve.layers.triton_kernels.activation import silu_and_mul_reference  # noqa: E402
+from radixserve.layers.triton_kernels.rmsnorm import (  # noqa: E402
+    fused_add_rmsnorm_reference, rmsnorm_reference)
+from radixserve.layers.triton_kernels.rotary import apply_rotary_reference  # noqa: E402
+from radixserve.model_executor.forward_batch import ForwardMode  # noqa: E402
+from tests.test_triton_kernels import PagedKV, make_batch, randn, rel_err, run_backend  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
