@@ -81,7 +81,11 @@ class Engine:
         self.scheduler = None  # type: ignore[assignment]
         import gc
 
+        import torch
+
         gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def __enter__(self) -> "Engine":
         return self

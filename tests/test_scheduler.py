@@ -138,3 +138,17 @@ def test_random_aborts_free_everything(model_path):
     assert set(finished) == set(rids)
     assert any(r["type"] == "abort" for r in finished.values())
     assert_no_leak(eng)
+
+
+def test_in_batch_prefix_sharing_reaches_the_optimum(model_path):
+    """Requests that share an uncached prefix and arrive together compute it once."""
+    from radixserve.bench.offline_throughput import shared_prefix_workload
+
+    prompts, outs, must_compute = shared_prefix_workload(3, 4, 64, 8, 4, 40000, seed=0)
+    eng = Engine(model_path=model_path, max_total_tokens=16384)
+    results = eng.generate(input_ids=prompts, sampling_params=[
+        {"temperature": 0, "max_new_tokens": o, "ignore_eos": True} for o in outs])
+    assert eng.get_server_info().total_prefill_tokens == must_compute
+    cached = sum(r["meta_info"]["cached_tokens"] for r in results)
+    assert cached == sum(len(p) for p in prompts) - must_compute
+    assert_no_leak(eng)

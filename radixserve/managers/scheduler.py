@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from radixserve.configs.model_config import ModelConfig
+from radixserve.constrained import GrammarManager
 from radixserve.managers.io_struct import BatchTokenIDOut, ServerInfo, TokenizedGenerateReqInput
 from radixserve.managers.schedule_batch import Req, ScheduleBatch
 from radixserve.managers.schedule_policy import CLIP_MAX_NEW_TOKENS, PrefillBudget, SchedulePolicy
@@ -32,6 +33,9 @@ INIT_NEW_TOKEN_RATIO = 0.7
 MIN_NEW_TOKEN_RATIO = 0.1
 NEW_TOKEN_RATIO_DECAY = 0.001
 RETRACT_RATIO_STEP = 0.1
+# Requests whose first this-many tokens are not cached but equal those of a request
+# already in the prefill batch are deferred to the next batch (see get_new_batch_prefill).
+IN_BATCH_PREFIX_LEN = 32
 
 
 class Scheduler:
@@ -54,6 +58,8 @@ class Scheduler:
         self.context_len = self.model_config.context_len
         cache_cls = ChunkCache if server_args.disable_radix_cache else RadixCache
         self.tree_cache = cache_cls(self.req_to_token_pool, self.allocator, self.page_size)
+        self.grammar = GrammarManager(server_args, self.tokenizer, self.model_config.vocab_size,
+                                      self.model_config.eos_token_ids)
         self.policy = SchedulePolicy(server_args.schedule_policy, self.tree_cache,
                                      not server_args.disable_radix_cache)
         chunk = server_args.chunked_prefill_size
@@ -105,6 +111,7 @@ class Scheduler:
             return
         try:
             self.validate_request(recv.input_ids, sp.max_new_tokens)
+            self.grammar.add_request(req)  # starts compiling its grammar, if any
         except ValueError as e:
             req.finished_reason = {"type": "abort", "message": str(e), "status_code": 400}
             self._emit(req)
@@ -187,17 +194,25 @@ class Scheduler:
                 # Keep it first in line; nothing else may overtake a half-done prefill.
                 self.chunked_req = req
                 return None
-        admitted = 0
+        radix = not self.server_args.disable_radix_cache
+        in_batch_prefixes: set[tuple[int, ...]] = set()
         for req in self.policy.order(self.waiting_queue):
             if self.chunked_req is not None:
                 break
             if num_running + len(can_run) >= self.max_running_requests:
                 break
-            req.init_next_round_input(None if self.server_args.disable_radix_cache
-                                      else self.tree_cache)
+            if not self.grammar.is_ready(req):
+                continue  # its grammar is still compiling: the others go first
+            req.init_next_round_input(self.tree_cache if radix else None)
+            key = _in_batch_key(req) if radix else None
+            if key is not None and key in in_batch_prefixes:
+                # Its prefix is being computed in this very batch: wait one round and
+                # take it from the cache instead of computing it twice.
+                continue
             if not self._admit(req, budget, can_run):
                 break
-            admitted += 1
+            if key is not None:
+                in_batch_prefixes.add(key)
         if not can_run:
             return None
         taken = {id(r) for r in can_run}
@@ -350,7 +365,8 @@ class Scheduler:
             if req.return_logprob and result.next_token_logprobs[i] is not None:
                 req.output_token_logprobs.append(result.next_token_logprobs[i])
                 req.output_top_logprobs.append(result.next_top_logprobs[i] or [])
-            reason = self._check_finished(req)
+            # A grammar ends its request when it accepts EOS, even under ignore_eos.
+            reason = self.grammar.accept_token(req) or self._check_finished(req)
             if reason is not None:
                 self._finish(req, reason)
                 continue
@@ -405,6 +421,9 @@ class Scheduler:
 
     def _process_aborts(self) -> None:
         aborted = {"type": "abort", "message": "aborted by the client"}
+        for req, reason in self.grammar.collect_compiled():  # failed compiles
+            self.waiting_queue.remove(req)
+            self._finish(req, reason)
         for req in [r for r in self.running if r.to_abort]:
             self.running.remove(req)
             self._finish(req, dict(aborted))
@@ -480,3 +499,11 @@ class Scheduler:
             num_retractions=self.num_retractions,
             total_prefill_tokens=self.total_prefill_tokens,
             total_cached_tokens=self.total_cached_tokens)
+
+
+def _in_batch_key(req: Req) -> tuple[int, ...] | None:
+    """The leading tokens that a same-batch request could share with `req`, or None when
+    the cache already holds them (or the prompt is too short to be worth deferring)."""
+    if len(req.fill_ids) <= IN_BATCH_PREFIX_LEN or len(req.prefix_indices) >= IN_BATCH_PREFIX_LEN:
+        return None
+    return tuple(req.fill_ids[:IN_BATCH_PREFIX_LEN])
