@@ -57,9 +57,10 @@ class Engine:
              sampling_params: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         """Apply the model's chat template (with the generation prompt) and generate."""
         if messages and isinstance(messages[0], dict):
-            return self.generate(self.apply_chat_template(messages), sampling_params, **kwargs)
-        return self.generate([self.apply_chat_template(m) for m in messages],
-                             sampling_params, **kwargs)
+            return self.generate(input_ids=self.apply_chat_template(messages),
+                                 sampling_params=sampling_params, **kwargs)
+        return self.generate(input_ids=[self.apply_chat_template(m) for m in messages],
+                             sampling_params=sampling_params, **kwargs)
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):

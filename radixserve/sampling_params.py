@@ -27,7 +27,8 @@ class SamplingParams:
     no_stop_trim: bool = False
     n: int = 1
     seed: int | None = None
-    # Structured output (constrained/): at most one of these is set.
+    # Structured output (constrained/): at most one of these is set. json_schema "$$ANY$$"
+    # (constrained.ANY_JSON) means any JSON object or array (OpenAI's json_object).
     json_schema: str | None = None
     regex: str | None = None
     ebnf: str | None = None

@@ -21,7 +21,7 @@ class Sampler(torch.nn.Module):
     def forward(self, logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
         """Next token of every row ([B] int64) from `logits` ([B, V]); `logits` is not modified.
 
-        Order: logits processors (penalties, min_new_tokens), temperature, then the
+        Order: logits processors (penalties, min_new_tokens, grammar mask), temperature, then the
         top-k, top-p and min-p filters, then the draw. Greedy rows (top_k == 1) return
         exactly the argmax of the processed logits, also inside a mixed batch.
         """

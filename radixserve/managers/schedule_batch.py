@@ -56,6 +56,9 @@ class Req:
         self.finished_reason: dict[str, Any] | None = None
         self.to_abort = False
         self.num_retractions = 0
+        # Structured output (constrained/): a ReqGrammar when the request has a
+        # json_schema, regex or ebnf, set by the GrammarManager; None otherwise.
+        self.grammar: Any = None
 
         # Logprob state (only filled when return_logprob).
         self.output_token_logprobs: list[tuple[float, int]] = []

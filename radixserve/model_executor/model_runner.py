@@ -192,6 +192,7 @@ class ModelRunner:
         next_logits = logits[last_rows.to(logits.device)] if len(counts) != logits.shape[0] \
             else logits
         info = SamplingBatchInfo.from_reqs(reqs, self.model_config.vocab_size, self.device)
+        info.update_vocab_mask()  # grammar masks (overlap hook: see its docstring)
         # The sampler works on its own copy, so these stay the raw logits for logprobs.
         raw_next_logits = next_logits if any(r.return_logprob for r in reqs) else None
         next_ids = self.sampler(next_logits, info)

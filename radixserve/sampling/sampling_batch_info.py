@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from radixserve.constrained.xgrammar_backend import VocabMask, fill_vocab_mask
 from radixserve.managers.schedule_batch import Req
 from radixserve.sampling.penalties import PenaltyState
 
@@ -43,6 +45,10 @@ class SamplingBatchInfo:
     min_tokens_rows: torch.Tensor | None  # [N] int64
     min_tokens_cols: torch.Tensor | None  # [N] int64
     vocab_size: int
+    # Structured output: each row's xgrammar matcher (None: no grammar); None when no
+    # row has one. update_vocab_mask() turns them into vocab_mask.
+    grammar_matchers: list[Any] | None = None
+    vocab_mask: VocabMask | None = None
 
     @classmethod
     def from_reqs(cls, reqs: list[Req], vocab_size: int,
@@ -75,11 +81,25 @@ class SamplingBatchInfo:
             min_tokens_rows=tensor(rows, torch.int64) if rows else None,
             min_tokens_cols=tensor(cols, torch.int64) if rows else None,
             vocab_size=vocab_size,
+            grammar_matchers=_grammar_matchers(reqs),
         )
+
+    def update_vocab_mask(self) -> None:
+        """Fill the grammar rows' allowed-token bitmask on the host and send it to the device.
+
+        Call it after launching the forward (the host work then overlaps the device's) and
+        after every row's matcher has accepted the row's newest token. The overlap
+        scheduler runs one step behind on results: it must wait for step N's tokens to be
+        accepted before calling this for step N + 1 (the one place that needs to sync).
+        """
+        if self.grammar_matchers is not None:
+            self.vocab_mask = fill_vocab_mask(self.grammar_matchers, self.vocab_size,
+                                              self.temperatures.device)
 
     @property
     def has_logits_processors(self) -> bool:
-        return self.penalties is not None or self.min_tokens_rows is not None
+        return (self.penalties is not None or self.min_tokens_rows is not None
+                or self.vocab_mask is not None)
 
     def apply_logits_processors(self, logits: torch.Tensor) -> None:
         """Apply penalties and the min_new_tokens block to `logits` ([B, V] float32) in place."""
@@ -87,6 +107,13 @@ class SamplingBatchInfo:
             self.penalties.apply(logits)
         if self.min_tokens_rows is not None and self.min_tokens_cols is not None:
             logits[self.min_tokens_rows, self.min_tokens_cols] = float("-inf")
+        if self.vocab_mask is not None:
+            self.vocab_mask.apply(logits)
+
+
+def _grammar_matchers(reqs: list[Req]) -> list | None:
+    matchers = [r.grammar.matcher if r.grammar is not None else None for r in reqs]
+    return matchers if any(m is not None for m in matchers) else None
 
 
 def _min_tokens_blocklist(reqs: list[Req], vocab_size: int) -> tuple[list[int], list[int]]:

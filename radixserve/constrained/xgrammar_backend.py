@@ -1,0 +1,127 @@
+"""The xgrammar backend: compiles grammars and masks logits with their token bitmasks.
+
+Everything that touches xgrammar lives here, so that a second backend would replace this
+one file. xgrammar is imported only when a grammar is first used.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from radixserve.sampling_params import SamplingParams
+
+# `json_schema` set to this value means "any JSON object or array" (xgrammar's built-in
+# JSON grammar): what OpenAI's response_format {"type": "json_object"} asks for.
+ANY_JSON = "$$ANY$$"
+
+GRAMMAR_KINDS = ("json_schema", "regex", "ebnf")
+# (kind, text): kind is one of GRAMMAR_KINDS. Also the compile cache's key.
+GrammarKey = tuple[str, str]
+
+
+class GrammarError(ValueError):
+    """A json_schema, regex or ebnf that cannot be compiled; its message names the problem."""
+
+
+def grammar_key(params: SamplingParams) -> GrammarKey | None:
+    """The request's grammar as a cache key, or None when it has none."""
+    for kind in GRAMMAR_KINDS:
+        text = getattr(params, kind)
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise GrammarError(f"{kind} must be a string, got {type(text).__name__}")
+        return kind, text
+    return None
+
+
+class XGrammarBackend:
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int],
+                 max_threads: int) -> None:
+        import xgrammar as xgr
+
+        # The bitmask must cover the model's whole (possibly padded) vocabulary, or the
+        # padded ids would stay unmasked.
+        info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids or None)
+        # Our GrammarManager caches compiled grammars by key; a second cache would only
+        # hold the same objects twice.
+        self.compiler = xgr.GrammarCompiler(info, max_threads=max_threads, cache_enabled=False)
+
+    def compile(self, key: GrammarKey) -> Any:
+        """A CompiledGrammar; raises GrammarError naming what is wrong."""
+        kind, text = key
+        if kind == "json_schema" and text == ANY_JSON:
+            return self.compiler.compile_builtin_json_grammar()
+        if kind == "json_schema":
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as e:
+                raise GrammarError(f"json_schema is not valid JSON: {e}") from None
+        try:
+            if kind == "json_schema":
+                # Compact separators, no free whitespace: with any_whitespace a model can
+                # loop on whitespace tokens forever and never close the object.
+                return self.compiler.compile_json_schema(text, any_whitespace=False)
+            if kind == "regex":
+                return self.compiler.compile_regex(text)
+            return self.compiler.compile_grammar(text)
+        # xgrammar reports every user error as a RuntimeError from C++ (a few as
+        # ValueError); whatever fails to compile is the request's fault.
+        except Exception as e:  # noqa: BLE001
+            raise GrammarError(f"invalid {kind}: {_clean_message(str(e))}") from None
+
+    @staticmethod
+    def new_matcher(compiled: Any, stop_token_ids: list[int] | None) -> Any:
+        import xgrammar as xgr
+
+        return xgr.GrammarMatcher(compiled, override_stop_tokens=stop_token_ids or None)
+
+
+@dataclass
+class VocabMask:
+    """The allowed tokens of the batch rows that have a grammar, as a packed bitmask."""
+
+    bitmask: torch.Tensor  # [B, ceil(V / 32)] int32 on the logits' device; bit set = allowed
+    rows: list[int]  # the rows that have a grammar; the others are left alone
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Set the disallowed logits of the grammar rows to -inf, in place, on the device."""
+        import xgrammar as xgr
+
+        xgr.apply_token_bitmask_inplace(logits, self.bitmask, indices=self.rows)
+
+
+def fill_vocab_mask(matchers: list[Any | None], vocab_size: int,
+                    device: torch.device | str) -> VocabMask:
+    """Fill each row's bitmask from its matcher (None: no grammar) and send it to `device`."""
+    import xgrammar as xgr
+
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    bitmask = xgr.allocate_token_bitmask(len(matchers), vocab_size)
+    # One call fills every row, on xgrammar's own threads, without the GIL.
+    _batch_matcher().batch_fill_next_token_bitmask([matchers[i] for i in rows], bitmask, rows)
+    if torch.device(device).type == "cuda":
+        bitmask = bitmask.pin_memory().to(device, non_blocking=True)
+    return VocabMask(bitmask, rows)
+
+
+@functools.lru_cache(maxsize=1)
+def _batch_matcher() -> Any:
+    import xgrammar as xgr
+
+    return xgr.BatchGrammarMatcher()
+
+
+# xgrammar's C++ errors start with "[time] file.cc:line: " and sometimes a check's text.
+_CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
+
+
+def _clean_message(message: str) -> str:
+    return _CPP_PREFIX.sub("", message.strip()).strip()
