@@ -12,6 +12,8 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+from radixserve.managers.data_parallel_controller import (DataParallelController,
+                                                         launch_engine_replicas)
 from radixserve.managers.detokenizer_manager import Detokenizer
 from radixserve.managers.io_struct import BatchStrOut, TokenizedGenerateReqInput
 from radixserve.managers.scheduler import Scheduler
@@ -28,7 +30,12 @@ class Engine:
 
     def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
         self.server_args = ServerArgs(model_path=model_path, **kwargs)
-        self.scheduler = Scheduler(self.server_args)
+        self.scheduler: Scheduler | DataParallelController
+        if self.server_args.tp_size == 1 and self.server_args.dp_size == 1:
+            self.scheduler = Scheduler(self.server_args)
+        else:
+            # Each TP rank of each DP replica runs in a process of its own (distributed/).
+            self.scheduler = launch_engine_replicas(self.server_args)
         self.tokenizer = self.scheduler.tokenizer
         self.model_config = self.scheduler.model_config
         self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
@@ -78,7 +85,9 @@ class Engine:
         return self.scheduler.flush_cache()
 
     def shutdown(self) -> None:
-        """Release the model and KV memory."""
+        """Release the model and KV memory (and stop the rank processes, if any)."""
+        if isinstance(self.scheduler, DataParallelController):
+            self.scheduler.shutdown()
         self.scheduler = None  # type: ignore[assignment]
         import gc
 

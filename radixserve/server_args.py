@@ -57,10 +57,19 @@ class ServerArgs:
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int | None = None
     disable_overlap_schedule: bool = False
+    # The overlapped loop is on by default on CUDA only (on CPU nothing runs
+    # asynchronously); this runs it on CPU too, which tests use to check it.
+    enable_cpu_overlap: bool = False
 
-    # Parallelism
+    # Parallelism (docs in radixserve/distributed/__init__.py)
     tp_size: int = 1
     dp_size: int = 1
+    load_balance_method: str = "round_robin"  # round_robin | shortest_queue | prefix_affinity
+    dist_init_addr: str | None = None  # host:port of TP rank 0; needed with --nnodes > 1
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_timeout: int | None = None  # seconds a collective may wait; None: torch's default
+    base_gpu_id: int = 0
 
     # HTTP server
     host: str = "127.0.0.1"
@@ -108,6 +117,30 @@ class ServerArgs:
             raise ValueError("max_running_requests must be >= 1")
         if not 0.0 < (self.mem_fraction_static or 0.85) < 1.0:
             raise ValueError("mem_fraction_static must be in (0, 1)")
+        self._verify_parallel()
+
+    def _verify_parallel(self) -> None:
+        if self.tp_size < 1 or self.dp_size < 1:
+            raise ValueError("tp_size and dp_size must be >= 1")
+        if self.load_balance_method not in ("round_robin", "shortest_queue", "prefix_affinity"):
+            raise ValueError(f"load_balance_method must be round_robin, shortest_queue or "
+                             f"prefix_affinity, got {self.load_balance_method!r}")
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"need nnodes >= 1 and 0 <= node_rank < nnodes, got "
+                             f"nnodes={self.nnodes} node_rank={self.node_rank}")
+        if self.nnodes > 1:
+            if self.tp_size % self.nnodes:
+                raise ValueError(f"tp_size={self.tp_size} must be a multiple of "
+                                 f"nnodes={self.nnodes} (each node runs tp_size / nnodes ranks)")
+            if self.dp_size > 1:
+                raise ValueError("dp_size > 1 is not supported with nnodes > 1: run one "
+                                 "server per node group and balance in front of them")
+            if not self.dist_init_addr:
+                raise ValueError("nnodes > 1 needs --dist-init-addr HOST:PORT (rank 0's node)")
+        if self.dist_init_addr is not None and ":" not in self.dist_init_addr:
+            raise ValueError(f"dist_init_addr must be HOST:PORT, got {self.dist_init_addr!r}")
+        if self.dist_timeout is not None and self.dist_timeout <= 0:
+            raise ValueError("dist_timeout must be a positive number of seconds")
 
     @property
     def torch_dtype(self) -> torch.dtype:

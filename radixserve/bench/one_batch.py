@@ -49,7 +49,7 @@ def _make_reqs(bs: int, input_len: int, vocab: int, seed: int) -> list[Req]:
 
 def _alloc(runner: ModelRunner, req: Req, n: int) -> torch.Tensor:
     cur = req.kv_committed_len
-    last = int(runner.req_to_token_pool.req_to_token[req.req_pool_idx, cur - 1]) if cur else -1
+    last = int(runner.req_to_token_pool.read(req.req_pool_idx, cur)[-1]) if cur else -1
     slots = runner.token_to_kv_pool_allocator.alloc_for_seq(last, cur, n)
     if slots is None:
         raise RuntimeError("KV pool too small for this batch; lower --batch-size or lengths")
@@ -91,6 +91,23 @@ def run_one(runner: ModelRunner, bs: int, input_len: int, output_len: int,
             r.kv_committed_len += 1
             r.output_ids.append(tok)
     return {"prefill_s": prefill, "decode_steps_s": steps}
+
+
+def allreduce_step_s(runner: ModelRunner, bs: int, iters: int = 20) -> float:
+    """Time of the all-reduces of one decode step alone (one after the embedding, two per
+    layer, each of [bs, hidden]), eager: an upper bound of their share under CUDA graphs,
+    which save the launch cost. Every TP rank must call it."""
+    mc = runner.model_config
+    x = torch.randn(bs, mc.hidden_size, dtype=runner.dtype, device=runner.device)
+    n = 2 * mc.num_hidden_layers + 1
+    for _ in range(3):
+        runner.tp_group.all_reduce(x)
+    _sync(runner.device)
+    t0 = time.perf_counter()
+    for _ in range(iters * n):
+        runner.tp_group.all_reduce(x)
+    _sync(runner.device)
+    return (time.perf_counter() - t0) / iters
 
 
 def hf_generate_tok_s(model_path: str, dtype: torch.dtype, device: str, bs: int,
@@ -136,10 +153,21 @@ def main(argv: list[str] | None = None) -> None:
         sa.max_total_tokens = need
     if sa.max_running_requests is None:
         sa.max_running_requests = max(args.batch_size)
+    if sa.tp_size > 1:
+        from radixserve.distributed.launcher import run_on_tp_ranks
+
+        run_on_tp_ranks(_bench, sa, args)  # every rank runs the same batches
+    else:
+        _bench(sa, args)
+
+
+def _bench(sa: ServerArgs, args: argparse.Namespace) -> None:
+    """The benchmark on this rank; only TP rank 0 reports."""
     mc = ModelConfig.from_server_args(sa)
     runner = ModelRunner(sa, mc)
     dev = runner.device
-    ceilings = measure_ceilings(dev) if args.floor else None
+    lead = runner.tp_group.rank == 0
+    ceilings = measure_ceilings(dev) if args.floor and lead else None
     weight_bytes = model_bytes(runner.model, mc.tie_word_embeddings)
     kv_per_token = runner._kv_bytes_per_token()
     rows = []
@@ -162,14 +190,21 @@ def main(argv: list[str] | None = None) -> None:
                 flops = model_flops_per_token(mc) * bs * input_len
                 row["prefill_tflops"] = flops / r["prefill_s"] / 1e12
                 row["prefill_frac_of_ceiling"] = row["prefill_tflops"] * 1e12 / ceilings["matmul_flops"]
-            if args.compare_hf:
+            if sa.tp_size > 1:
+                ar = allreduce_step_s(runner, bs)
+                row["allreduce_ms_per_step"] = ar * 1e3
+                row["allreduce_share"] = ar / med
+            if args.compare_hf and lead:
                 hf = hf_generate_tok_s(sa.model_path, runner.dtype, str(dev), bs, input_len,
                                        args.output_len)
                 row["hf_tok_s"] = hf
                 row["ours_e2e_tok_s"] = bs * args.output_len / (r["prefill_s"] + sum(r["decode_steps_s"]))
                 row["speedup_vs_hf"] = row["ours_e2e_tok_s"] / hf
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            if lead:
+                print(json.dumps(row), flush=True)
+    if not lead:
+        return
     _print_table(rows, ceilings, runner, sa)
     if args.result_file:
         with open(args.result_file, "a", encoding="utf-8") as f:

@@ -89,6 +89,19 @@ class ModelConfig:
         return self.hf_config.vocab_size
 
     @property
+    def is_mla(self) -> bool:
+        """Multi-head latent attention (DeepSeek-V2/V3): the KV cache keeps a latent."""
+        return bool(getattr(self.hf_config, "kv_lora_rank", None))
+
+    @property
+    def kv_lora_rank(self) -> int:
+        return self.hf_config.kv_lora_rank
+
+    @property
+    def qk_rope_head_dim(self) -> int:
+        return self.hf_config.qk_rope_head_dim
+
+    @property
     def tie_word_embeddings(self) -> bool:
         return bool(getattr(self.hf_config, "tie_word_embeddings", False))
 

@@ -72,6 +72,10 @@ class GrammarManager:
         self._backend_lock = threading.Lock()
         self._cache: OrderedDict[GrammarKey, Future] = OrderedDict()
         self._pending: list[Req] = []
+        # Under TP, rank 0's `compiled_rids()` at the start of each step: only compiles
+        # listed there count as done (followers wait for them), so that every rank
+        # admits the same requests whatever its own threads' timing.
+        self.ready_rids: set[str] | None = None
 
     # --- scheduler hooks ------------------------------------------------------------
 
@@ -100,7 +104,9 @@ class GrammarManager:
             grammar = req.grammar
             if req.finished():  # aborted while compiling
                 continue
-            if not grammar.future.done():
+            done = (grammar.future.done() if self.ready_rids is None
+                    else req.rid in self.ready_rids)
+            if not done:
                 still.append(req)
                 continue
             try:
@@ -114,17 +120,22 @@ class GrammarManager:
         self._pending = still
         return failed
 
+    def compiled_rids(self) -> list[str]:
+        """Requests whose grammar compile has finished (what TP rank 0 broadcasts)."""
+        return [r.rid for r in self._pending if r.grammar.future.done()]
+
     @staticmethod
     def is_ready(req: Req) -> bool:
         """False while the request's grammar compiles (or failed): do not admit it yet."""
         return req.grammar is None or req.grammar.matcher is not None
 
     @staticmethod
-    def accept_token(req: Req) -> dict[str, Any] | None:
-        """Feed the request's newest token to its matcher; a finish reason when it ends."""
+    def accept_token(req: Req, token_id: int) -> dict[str, Any] | None:
+        """Feed the request's newly sampled token to its matcher; a finish reason when the
+        grammar ends the request."""
         if req.grammar is None:
             return None
-        return req.grammar.accept_token(req.output_ids[-1])
+        return req.grammar.accept_token(token_id)
 
     # --- compiling ------------------------------------------------------------------
 

@@ -66,9 +66,7 @@ class XGrammarBackend:
                 raise GrammarError(f"json_schema is not valid JSON: {e}") from None
         try:
             if kind == "json_schema":
-                # Compact separators, no free whitespace: with any_whitespace a model can
-                # loop on whitespace tokens forever and never close the object.
-                return self.compiler.compile_json_schema(text, any_whitespace=False)
+                return self.compiler.compile_grammar(json_schema_ebnf(text))
             if kind == "regex":
                 return self.compiler.compile_regex(text)
             return self.compiler.compile_grammar(text)
@@ -82,6 +80,25 @@ class XGrammarBackend:
         import xgrammar as xgr
 
         return xgr.GrammarMatcher(compiled, override_stop_tokens=stop_token_ids or None)
+
+
+def json_schema_ebnf(schema: str) -> str:
+    """The EBNF grammar of a JSON schema, as every json_schema request and tool call uses it.
+
+    Compact separators and no free whitespace: with any_whitespace a model can loop on
+    whitespace tokens forever and never close the object.
+    """
+    import xgrammar as xgr
+
+    ebnf = str(xgr.Grammar.from_json_schema(schema, any_whitespace=False))
+    # xgrammar (0.2.8 and before) lets strings with minLength/maxLength hold raw control
+    # characters, which JSON forbids (mlc-ai/xgrammar#800): narrow that character class.
+    # Once xgrammar prints a fixed class, this replaces nothing.
+    return ebnf.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR)
+
+
+_BOUNDED_STRING_CHAR = r'[^\"\\\r\n]'
+_JSON_STRING_CHAR = r'[^\0-\x1f\"\\]'
 
 
 @dataclass

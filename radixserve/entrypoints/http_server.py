@@ -35,9 +35,11 @@ from radixserve.entrypoints.openai.protocol import (
 )
 from radixserve.entrypoints.openai.serving_chat import create_chat_completion
 from radixserve.entrypoints.openai.serving_completions import create_completion
+from radixserve.distributed.launcher import (RankProcess, replica_port_args, serve_followers,
+                                             spawn_replica, stop_processes, wait_all_ready)
+from radixserve.managers.data_parallel_controller import run_dp_controller_process
 from radixserve.managers.detokenizer_manager import run_detokenizer_process
 from radixserve.managers.ipc import PortArgs
-from radixserve.managers.scheduler_process import run_scheduler_process
 from radixserve.managers.tokenizer_manager import (
     GenerateReqInput,
     InvalidRequestError,
@@ -48,7 +50,6 @@ from radixserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
-_READY_TIMEOUT_S = 600.0
 # After a worker dies, /health answers 503 this long before the server exits.
 _DEAD_GRACE_S = 2.0
 _HEALTH_GENERATE_TIMEOUT_S = 60.0
@@ -61,60 +62,58 @@ class Workers:
     port_args: PortArgs
     processes: dict[str, BaseProcess] = field(default_factory=dict)
     model_info: dict[str, Any] = field(default_factory=dict)
+    # The DP controller's own sockets to its replicas, when dp_size > 1.
+    replica_port_args: PortArgs | None = None
 
     def dead(self) -> list[str]:
-        return [f"{name} process exited with code {p.exitcode}"
+        return [f"{name} process (pid {p.pid}) exited with code {p.exitcode}"
                 for name, p in self.processes.items() if not p.is_alive()]
 
     def stop(self) -> None:
-        for proc in self.processes.values():
-            if proc.is_alive():
-                proc.terminate()
-        for proc in self.processes.values():
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=5)
+        stop_processes(list(self.processes.values()))
         self.port_args.cleanup()
+        if self.replica_port_args is not None:
+            self.replica_port_args.cleanup()
 
 
 def start_workers(server_args: ServerArgs) -> Workers:
-    """Spawn the scheduler and detokenizer; return once both report ready."""
+    """Spawn the scheduler rank(s), the DP controller if any, and the detokenizer; return
+    once all report ready. The process the TokenizerManager talks to is "scheduler"
+    (TP rank 0 of the only replica, or the DP controller)."""
     workers = Workers(PortArgs.create())
     ctx = mp.get_context("spawn")
-    pipes = {}
     try:
-        for name, target in (("scheduler", run_scheduler_process),
-                             ("detokenizer", run_detokenizer_process)):
-            reader, writer = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=target, args=(server_args, workers.port_args, writer),
-                               name=f"radixserve-{name}", daemon=True)
-            proc.start()
-            writer.close()
-            workers.processes[name] = proc
-            pipes[name] = reader
-        for name, reader in pipes.items():
-            reply = _wait_ready(name, workers.processes[name], reader)
-            if name == "scheduler":
-                workers.model_info = {k: v for k, v in reply.items() if k != "status"}
+        dp = server_args.dp_size > 1
+        if dp:
+            workers.replica_port_args = PortArgs.create()
+        ranks = []
+        for d in range(server_args.dp_size):
+            ranks += spawn_replica(server_args, d, replica_port_args(workers.replica_port_args, d)
+                                   if dp else workers.port_args)
+        ranks.append(_spawn(ctx, "detokenizer", run_detokenizer_process,
+                            (server_args, workers.port_args)))
+        workers.processes.update((r.name, r.proc) for r in ranks)
+        replies = wait_all_ready(ranks)
+        info = replies[0]
+        if dp:
+            controller = _spawn(ctx, "scheduler", run_dp_controller_process,
+                                (server_args, workers.port_args, workers.replica_port_args))
+            workers.processes["scheduler"] = controller.proc
+            info = wait_all_ready([controller])[0]
+        workers.model_info = {k: v for k, v in info.items() if k != "status"}
     except BaseException:
         workers.stop()
         raise
     return workers
 
 
-def _wait_ready(name: str, proc: BaseProcess, reader: Any) -> dict[str, Any]:
-    deadline = time.monotonic() + _READY_TIMEOUT_S
-    while not reader.poll(0.5):
-        if not proc.is_alive():
-            raise RuntimeError(f"the {name} process exited with code {proc.exitcode} "
-                               "while starting")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the {name} process was not ready in {_READY_TIMEOUT_S}s")
-    reply = reader.recv()
-    if reply.get("status") != "ready":
-        raise RuntimeError(f"the {name} process failed to start: {reply.get('message')}")
-    return reply
+def _spawn(ctx: Any, name: str, target: Callable[..., None], args: tuple) -> RankProcess:
+    reader, writer = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=target, args=(*args, writer), name=f"radixserve-{name}",
+                       daemon=True)
+    proc.start()
+    writer.close()
+    return RankProcess(name, proc, reader)
 
 
 # --- the app ---------------------------------------------------------------------
@@ -247,6 +246,8 @@ def launch_server(server_args: ServerArgs) -> int:
     """Run until SIGINT/SIGTERM (0) or until a worker process dies (1)."""
     logging.basicConfig(level=server_args.log_level.upper(),
                         format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    if server_args.node_rank > 0:
+        return serve_followers(server_args)  # no HTTP: node 0 serves
     workers = start_workers(server_args)
     try:
         tokenizer = None

@@ -4,14 +4,19 @@ Column-parallel layers split the output dimension across ranks; row-parallel lay
 split the input dimension and all-reduce the partial sums. Each parameter carries a
 `weight_loader(param, loaded_weight, shard_id)` that takes the full checkpoint tensor
 and copies this rank's slice, so checkpoints never need re-sharding offline.
-With `tp_size == 1` (today's default) every slice is the whole tensor.
+Layers take their rank and size from the process's TP group (distributed/) unless
+given; with `tp_size == 1` every slice is the whole tensor. `loaded_weight` may be a
+lazy safetensors slice (model_loader/safetensors_loader.py): loaders read its `.shape`
+and `narrow` it (or `as_tensor` it when unsplit), so each rank reads only its slice.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from radixserve.distributed.parallel_state import get_tp_group, resolve_tp
+from radixserve.layers.linear_dispatch import linear
 
 
 def check_weight_shape(loaded: torch.Tensor, expected: tuple[int, ...] | torch.Size) -> None:
@@ -25,7 +30,12 @@ def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor,
                           shard_id: str | int | None = None) -> None:
     """For parameters that are never split (norm weights)."""
     check_weight_shape(loaded_weight, param.shape)
-    param.data.copy_(loaded_weight)
+    param.data.copy_(as_tensor(loaded_weight))
+
+
+def as_tensor(loaded_weight: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, also from a lazy safetensors slice (which then reads it all)."""
+    return loaded_weight if isinstance(loaded_weight, torch.Tensor) else loaded_weight.full()
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -55,14 +65,15 @@ class LinearBase(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
     """Output rows split across ranks; each rank keeps its outputs (no gather)."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 tp_rank: int = 0, tp_size: int = 1) -> None:
+                 tp_rank: int | None = None, tp_size: int | None = None) -> None:
+        tp_rank, tp_size = resolve_tp(tp_rank, tp_size)
         super().__init__(input_size, _divide(output_size, tp_size, "output_size"), bias,
                          tp_rank, tp_size)
 
@@ -81,7 +92,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     """
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
-                 tp_rank: int = 0, tp_size: int = 1) -> None:
+                 tp_rank: int | None = None, tp_size: int | None = None) -> None:
         self.output_sizes = list(output_sizes)
         super().__init__(input_size, sum(output_sizes), bias, tp_rank, tp_size)
 
@@ -107,7 +118,8 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def __init__(self, hidden_size: int, head_size: int, total_num_heads: int,
                  total_num_kv_heads: int | None = None, bias: bool = False,
-                 tp_rank: int = 0, tp_size: int = 1) -> None:
+                 tp_rank: int | None = None, tp_size: int | None = None) -> None:
+        tp_rank, tp_size = resolve_tp(tp_rank, tp_size)
         total_num_kv_heads = total_num_kv_heads or total_num_heads
         self.head_size = head_size
         self.num_heads = _divide(total_num_heads, tp_size, "num_heads")
@@ -142,7 +154,8 @@ class RowParallelLinear(LinearBase):
     """Input columns split across ranks; partial products are summed by all-reduce."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 tp_rank: int = 0, tp_size: int = 1) -> None:
+                 tp_rank: int | None = None, tp_size: int | None = None) -> None:
+        tp_rank, tp_size = resolve_tp(tp_rank, tp_size)
         super().__init__(_divide(input_size, tp_size, "input_size"), output_size, bias,
                          tp_rank, tp_size)
 
@@ -150,14 +163,14 @@ class RowParallelLinear(LinearBase):
                       shard_id: str | int | None = None) -> None:
         if param.dim() == 1:  # the bias is not split: rank 0 alone adds it
             check_weight_shape(loaded_weight, param.shape)
-            param.data.copy_(loaded_weight)
+            param.data.copy_(as_tensor(loaded_weight))
             return
         cols = param.shape[1]
         check_weight_shape(loaded_weight, (param.shape[0], cols * self.tp_size))
         param.data.copy_(loaded_weight.narrow(1, self.tp_rank * cols, cols))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        out = linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
         if self.tp_size > 1:
-            torch.distributed.all_reduce(out)
+            get_tp_group().all_reduce(out)
         return out

@@ -1,4 +1,4 @@
-"""Rotary position embedding: default RoPE and Llama 3's frequency scaling.
+"""Rotary position embedding: default RoPE, Llama 3's frequency scaling and YaRN.
 
 One cos/sin table of shape [max_position, rotary_dim] (cos in the first half, sin in
 the second, float32) is built at init; each forward gathers the rows of its positions.
@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PretrainedConfig
+
+from radixserve.layers.layernorm import RMSNorm
 
 
 def rope_params(config: PretrainedConfig) -> tuple[float, dict[str, Any] | None]:
@@ -71,6 +73,23 @@ class RotaryEmbedding(nn.Module):
                 return query, key
         return self.forward_native(positions, query, key)
 
+    def forward_with_qk_norm(self, positions: torch.Tensor, query: torch.Tensor,
+                             key: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm each head of q and k, then rotate (Qwen3). On CUDA one fused kernel
+        does both in place: three launches per layer become one."""
+        fusable = (self.rotary_dim == self.head_size and self.head_size & (self.head_size - 1) == 0
+                   and q_norm.variance_epsilon == k_norm.variance_epsilon)
+        if query.is_cuda and fusable:
+            kernel = _triton_qk_norm_rotary()
+            if kernel is not None:
+                kernel(query, key, positions, self.cos_sin_cache, q_norm.weight, k_norm.weight,
+                       q_norm.variance_epsilon, self.is_neox_style)
+                return query, key
+        query = q_norm(query.reshape(-1, self.head_size)).view(query.shape)
+        key = k_norm(key.reshape(-1, self.head_size)).view(key.shape)
+        return self(positions, query, key)
+
     def forward_native(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)
@@ -120,6 +139,66 @@ class Llama3RotaryEmbedding(RotaryEmbedding):
         return torch.where(is_medium, blended, scaled)
 
 
+class YaRNScalingRotaryEmbedding(RotaryEmbedding):
+    """YaRN (arXiv 2309.00071), as DeepSeek-V2/V3 and long-context Qwen configs use it:
+    frequencies below the `beta_slow` band are divided by `factor`, those above
+    `beta_fast` kept, a linear ramp between; cos and sin are scaled by the attention
+    factor (from `mscale` / `mscale_all_dim` when the config gives them)."""
+
+    def __init__(self, head_size: int, rotary_dim: int, max_position: int, base: float,
+                 is_neox_style: bool, scaling: dict[str, Any]) -> None:
+        self.factor = float(scaling["factor"])
+        self.original_max_position = int(scaling["original_max_position_embeddings"])
+        self.beta_fast = float(scaling.get("beta_fast") or 32)
+        self.beta_slow = float(scaling.get("beta_slow") or 1)
+        self.truncate = bool(scaling.get("truncate", True))
+        self.attention_factor = yarn_attention_factor(scaling)
+        super().__init__(head_size, rotary_dim, max_position, base, is_neox_style)
+
+    def _correction_dim(self, num_rotations: float) -> float:
+        """The rotary dimension whose wavelength fits `num_rotations` times in the
+        original context."""
+        return (self.rotary_dim * math.log(self.original_max_position
+                                           / (num_rotations * 2 * math.pi))
+                / (2 * math.log(self.base)))
+
+    def _compute_inv_freq(self) -> torch.Tensor:
+        # Same expressions as HF so float32 rounding matches exactly.
+        pos_freqs = self.base ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.int64).float()
+                                  / self.rotary_dim)
+        extrapolation = 1.0 / pos_freqs
+        interpolation = 1.0 / (self.factor * pos_freqs)
+        low = self._correction_dim(self.beta_fast)
+        high = self._correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, self.rotary_dim - 1)
+        if low == high:
+            high += 0.001  # a single-dimension ramp would divide by zero
+        ramp = ((torch.arange(self.rotary_dim // 2, dtype=torch.float32) - low)
+                / (high - low)).clamp(0, 1)
+        keep = 1 - ramp  # 1 where the original frequency is kept (extrapolated)
+        return interpolation * (1 - keep) + extrapolation * keep
+
+    def _compute_cos_sin_cache(self) -> torch.Tensor:
+        return super()._compute_cos_sin_cache() * self.attention_factor
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_attention_factor(scaling: dict[str, Any]) -> float:
+    """The factor on cos/sin: given, or from mscale / mscale_all_dim (DeepSeek)."""
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = float(scaling["factor"])
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    return yarn_mscale(factor)
+
+
 def get_rope(head_size: int, rotary_dim: int, max_position: int, base: float,
              rope_scaling: dict[str, Any] | None = None,
              is_neox_style: bool = True) -> RotaryEmbedding:
@@ -133,8 +212,11 @@ def get_rope(head_size: int, rotary_dim: int, max_position: int, base: float,
             low_freq_factor=float(rope_scaling["low_freq_factor"]),
             high_freq_factor=float(rope_scaling["high_freq_factor"]),
             original_max_position=int(rope_scaling["original_max_position_embeddings"]))
+    if rope_type == "yarn":
+        return YaRNScalingRotaryEmbedding(head_size, rotary_dim, max_position, base,
+                                          is_neox_style, rope_scaling)
     raise ValueError(f"rope_scaling type {rope_type!r} is not supported (supported: default, "
-                     f"llama3)")
+                     f"llama3, yarn)")
 
 
 @functools.cache
@@ -145,3 +227,13 @@ def _triton_apply_rotary() -> Callable[..., None] | None:
     except ImportError:
         return None
     return apply_rotary_
+
+
+@functools.cache
+def _triton_qk_norm_rotary() -> Callable[..., None] | None:
+    # Lazily, like the other kernels: CPU-only installs never import triton.
+    try:
+        from radixserve.layers.triton_kernels.qk_norm_rotary import qk_norm_rotary_
+    except ImportError:
+        return None
+    return qk_norm_rotary_

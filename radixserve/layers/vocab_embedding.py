@@ -10,13 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixserve.distributed.parallel_state import get_tp_group, resolve_tp
 from radixserve.layers.linear import check_weight_shape
+from radixserve.layers.linear_dispatch import linear
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, num_embeddings: int, embedding_dim: int, tp_rank: int = 0,
-                 tp_size: int = 1) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, tp_rank: int | None = None,
+                 tp_size: int | None = None) -> None:
         super().__init__()
+        tp_rank, tp_size = resolve_tp(tp_rank, tp_size)
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.tp_rank = tp_rank
@@ -32,7 +35,7 @@ class VocabParallelEmbedding(nn.Module):
                       shard_id: str | int | None = None) -> None:
         check_weight_shape(loaded_weight, (self.num_embeddings, self.embedding_dim))
         rows = self.vocab_end - self.vocab_start
-        param.data[:rows].copy_(loaded_weight[self.vocab_start:self.vocab_end])
+        param.data[:rows].copy_(loaded_weight.narrow(0, self.vocab_start, rows))
         param.data[rows:].zero_()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -43,16 +46,14 @@ class VocabParallelEmbedding(nn.Module):
         mine = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
         out = F.embedding(torch.where(mine, input_ids - self.vocab_start, 0), self.weight)
         out.masked_fill_(~mine.unsqueeze(-1), 0)
-        torch.distributed.all_reduce(out)
+        get_tp_group().all_reduce(out)
         return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, d] -> float32 logits [n, num_embeddings] (also used when tied)."""
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight)
         if self.tp_size > 1:
-            parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
-            torch.distributed.all_gather(parts, logits)
-            logits = torch.cat(parts, dim=-1)
+            logits = get_tp_group().all_gather(logits, dim=-1)
         return logits[:, :self.num_embeddings].float()
 
 

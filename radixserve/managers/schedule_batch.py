@@ -33,7 +33,10 @@ class Req:
         self.stream = stream
         self.eos_token_ids = eos_token_ids or set()
 
+        # Output tokens; while a batch is in flight (overlap scheduling) its entries are
+        # placeholders past the first `num_resolved`, which hold real token ids.
         self.output_ids: list[int] = []
+        self.num_resolved = 0
         self.fill_ids: list[int] = []
         self.prefix_indices: torch.Tensor = torch.empty(0, dtype=torch.int64)
         self.extend_input_len = 0
@@ -82,6 +85,14 @@ class Req:
     @property
     def all_ids(self) -> list[int]:
         return self.origin_input_ids + self.output_ids
+
+    @property
+    def needs_host_tokens(self) -> bool:
+        """Sampling reads this request's exact token history on the host (penalty
+        counts, grammar state), so it cannot run one step ahead of its results."""
+        sp = self.sampling_params
+        return (self.grammar is not None or sp.frequency_penalty != 0.0
+                or sp.presence_penalty != 0.0 or sp.repetition_penalty != 1.0)
 
     def finished(self) -> bool:
         return self.finished_reason is not None

@@ -9,6 +9,7 @@ ones) → run it → fold the results back into the requests. The offline Engine
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from radixserve.managers.schedule_policy import CLIP_MAX_NEW_TOKENS, PrefillBudg
 from radixserve.mem_cache.chunk_cache import ChunkCache
 from radixserve.mem_cache.radix_cache import RadixCache
 from radixserve.model_executor.forward_batch import ForwardMode
-from radixserve.model_executor.model_runner import BatchResult, ModelRunner
+from radixserve.model_executor.model_runner import BatchResult, ModelRunner, PendingBatch
 from radixserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -73,11 +74,16 @@ class Scheduler:
         self.chunked_req: Req | None = None
         self._rids: dict[str, Req] = {}
         self._to_emit: dict[str, Req] = {}
+        # Overlap: the batch launched last step, processed after the next one launches.
+        self.overlap = not server_args.disable_overlap_schedule and (
+            self.model_runner.device.type == "cuda" or server_args.enable_cpu_overlap)
+        self._in_flight: tuple[ScheduleBatch, PendingBatch] | None = None
         # Counters for /get_server_info, metrics and tests.
         self.num_retractions = 0
         self.total_prefill_tokens = 0
         self.total_cached_tokens = 0
         self.forward_ct = 0
+        self.last_step_host_s = 0.0
 
     # --- requests in ---------------------------------------------------------------
 
@@ -143,16 +149,50 @@ class Scheduler:
     # --- the loop ------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        return bool(self.waiting_queue or self.running or self.chunked_req or self._to_emit)
+        return bool(self.waiting_queue or self.running or self.chunked_req or self._to_emit
+                    or self._in_flight)
 
     def step(self) -> BatchTokenIDOut | None:
+        """One iteration. Overlapped: launch batch N+1, then process batch N while the
+        device runs N+1, so the device never waits for this Python code."""
+        t0 = time.perf_counter()
+        self.model_runner.last_wait_s = 0.0
+        if self._in_flight is not None and self._must_drain():
+            self._process(self._in_flight)
+            self._in_flight = None
         self._process_aborts()
         batch = self.get_next_batch_to_run()
+        launched = None
         if batch is not None:
-            result = self.model_runner.forward_batch_generation(batch)
+            # Placeholders exist only while an earlier batch is still in flight.
+            self.model_runner.future.pending = self._in_flight is not None
+            pending = self.model_runner.launch_batch(batch)
             self.forward_ct += 1
-            self.process_batch_result(batch, result)
-        return self._collect_outputs()
+            self._on_launch(batch, pending.future_base)
+            launched = (batch, pending)
+        if self.overlap:
+            previous, self._in_flight = self._in_flight, launched
+            if previous is not None:
+                self._process(previous)
+        elif launched is not None:
+            self._process(launched)
+        out = self._collect_outputs()
+        # Host time of this step, without the time spent waiting for the device.
+        self.last_step_host_s = time.perf_counter() - t0 - self.model_runner.last_wait_s
+        return out
+
+    def _process(self, launched: tuple[ScheduleBatch, PendingBatch]) -> None:
+        batch, pending = launched
+        self.process_batch_result(batch, self.model_runner.resolve_batch(pending))
+
+    def _must_drain(self) -> bool:
+        """Cases where the next batch needs the in-flight batch's tokens on the host:
+        KV may run out (retraction must see settled requests), or a running request
+        samples from its exact history (penalties, grammar masks)."""
+        free = self.allocator.available_size() + self.tree_cache.evictable_size()
+        if self._decode_need() + len(self.running) * self.page_size > free:
+            return True
+        return any(r.needs_host_tokens for r in self.running)
 
     def get_next_batch_to_run(self) -> ScheduleBatch | None:
         prefill = self.get_new_batch_prefill()
@@ -296,7 +336,8 @@ class Scheduler:
     def update_running_batch(self) -> ScheduleBatch | None:
         """The running requests as one decode batch, retracting some if KV is short."""
         self._retract_until_fits()
-        reqs = self.running
+        # Requests whose in-flight token is surely their last sit this batch out.
+        reqs = [r for r in self.running if not self._reaches_limit(r)]
         if not reqs:
             return None
         self._make_room(self._decode_need())
@@ -315,6 +356,11 @@ class Scheduler:
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO,
                                    self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
         return ScheduleBatch(list(reqs), ForwardMode.DECODE, out_cache_loc=locs)
+
+    def _reaches_limit(self, req: Req) -> bool:
+        n_out = len(req.output_ids)
+        return (n_out >= req.sampling_params.max_new_tokens
+                or len(req.origin_input_ids) + n_out >= self.context_len)
 
     def _decode_need(self) -> int:
         return sum(self.allocator.pages_needed(r.kv_committed_len, 1) for r in self.running) \
@@ -342,8 +388,13 @@ class Scheduler:
 
     # --- results --------------------------------------------------------------------
 
-    def process_batch_result(self, batch: ScheduleBatch, result: BatchResult) -> None:
+    def _on_launch(self, batch: ScheduleBatch, future_base: int) -> None:
+        """Bookkeeping the next batch depends on, done as soon as this one is launched:
+        KV lengths advance, prompts enter the cache, finished prefills join the running
+        batch, and each request gets a placeholder for the token being sampled."""
         is_decode = batch.forward_mode.is_decode()
+        out_index: list[int] = []
+        chunked: list[bool] = []
         for i, req in enumerate(batch.reqs):
             prefilled = not is_decode and i >= batch.num_decode_reqs
             if prefilled:
@@ -351,33 +402,52 @@ class Scheduler:
                 req.kv_committed_len = len(req.fill_ids)
             else:
                 req.kv_committed_len += 1
-            if prefilled:
-                self._record_prompt_logprobs(req, result, i)
+            chunked.append(req.is_chunked)
             if req.is_chunked:
                 self._cache_unfinished(req)
+                out_index.append(-1)
                 continue
             if prefilled:
                 req.input_logprobs_done = True
+                # Share the prompt with concurrent requests right away.
+                self._cache_unfinished(req)
             if req.sampling_params.max_new_tokens == 0:
+                out_index.append(-1)
+                continue
+            req.output_ids.append(-(future_base + i + 1))
+            out_index.append(len(req.output_ids) - 1)
+        batch.extra["out_index"] = out_index
+        batch.extra["chunked"] = chunked
+        if not is_decode:
+            self.running.extend(r for r, c in zip(batch.reqs[batch.num_decode_reqs:],
+                                                  chunked[batch.num_decode_reqs:])
+                                if not c and r.sampling_params.max_new_tokens > 0)
+
+    def process_batch_result(self, batch: ScheduleBatch, result: BatchResult) -> None:
+        """Fold sampled tokens into their requests; finish the ones that are done."""
+        is_decode = batch.forward_mode.is_decode()
+        for i, req in enumerate(batch.reqs):
+            if not is_decode and i >= batch.num_decode_reqs:
+                self._record_prompt_logprobs(req, result, i)
+            if batch.extra["chunked"][i] or req.finished():
+                continue  # a chunk yields no token; a request aborted in flight drops it
+            idx = batch.extra["out_index"][i]
+            if idx < 0:
                 self._finish(req, {"type": "length", "length": 0})
                 continue
-            req.output_ids.append(result.next_token_ids[i])
+            req.output_ids[idx] = result.next_token_ids[i]
+            req.num_resolved = idx + 1
             if req.return_logprob and result.next_token_logprobs[i] is not None:
                 req.output_token_logprobs.append(result.next_token_logprobs[i])
                 req.output_top_logprobs.append(result.next_top_logprobs[i] or [])
             # A grammar ends its request when it accepts EOS, even under ignore_eos.
-            reason = self.grammar.accept_token(req) or self._check_finished(req)
+            reason = (self.grammar.accept_token(req, result.next_token_ids[i])
+                      or self._check_finished(req, idx))
             if reason is not None:
                 self._finish(req, reason)
                 continue
-            if prefilled:
-                # Share the prompt with concurrent requests right away.
-                self._cache_unfinished(req)
             self._emit(req)
         self.running = [r for r in self.running if not r.finished()]
-        if not is_decode:
-            self.running.extend(r for r in batch.reqs[batch.num_decode_reqs:]
-                                if not r.finished() and not r.is_chunked)
 
     def _cache_unfinished(self, req: Req) -> None:
         """Insert the request's KV into the tree; its row may now point at tree slots."""
@@ -391,9 +461,12 @@ class Scheduler:
         req.input_token_logprobs.extend(result.input_logprobs[i])
         req.input_top_logprobs.extend(result.input_top_logprobs[i])
 
-    def _check_finished(self, req: Req) -> dict[str, Any] | None:
+    def _check_finished(self, req: Req, idx: int) -> dict[str, Any] | None:
+        """Is the request done after output token `idx`? (Later entries, if any, are
+        placeholders of a batch already in flight.)"""
         sp = req.sampling_params
-        last = req.output_ids[-1]
+        last = req.output_ids[idx]
+        n_out = idx + 1
         if sp.stop_token_ids and last in sp.stop_token_ids:
             return {"type": "stop", "matched": last}
         if not sp.ignore_eos and last in req.eos_token_ids:
@@ -401,19 +474,23 @@ class Scheduler:
         if sp.stop_strs and self.tokenizer is not None:
             # Each token adds at least one character, so the last (longest stop + 1)
             # tokens cover any stop string that the newest token completed.
-            tail = self.tokenizer.decode(req.output_ids[-(sp.stop_str_max_len + 1):],
-                                         skip_special_tokens=sp.skip_special_tokens)
+            tail = self.tokenizer.decode(
+                req.output_ids[max(0, n_out - sp.stop_str_max_len - 1):n_out],
+                skip_special_tokens=sp.skip_special_tokens)
             for s in sp.stop_strs:
                 if s in tail:
                     return {"type": "stop", "matched": s}
-        if len(req.output_ids) >= sp.max_new_tokens:
+        if n_out >= sp.max_new_tokens:
             return {"type": "length", "length": sp.max_new_tokens}
-        if req.seqlen >= self.context_len:
-            return {"type": "length", "length": len(req.output_ids)}
+        if len(req.origin_input_ids) + n_out >= self.context_len:
+            return {"type": "length", "length": n_out}
         return None
 
     def _finish(self, req: Req, reason: dict[str, Any]) -> None:
         req.finished_reason = reason
+        # Tokens of batches still in flight are dropped: their KV is released with the
+        # rest, and the device finishes writing it before any later batch reuses it.
+        del req.output_ids[req.num_resolved:]
         if req.req_pool_idx is not None:
             self.tree_cache.cache_finished_req(req)
             req.req_pool_idx = None
@@ -445,11 +522,11 @@ class Scheduler:
             if not (finished or req.stream):
                 continue
             out.rids.append(rid)
-            out.new_output_ids.append(req.output_ids[req.sent_offset:])
-            req.sent_offset = len(req.output_ids)
+            out.new_output_ids.append(req.output_ids[req.sent_offset:req.num_resolved])
+            req.sent_offset = req.num_resolved
             out.finished_reasons.append(req.finished_reason)
             out.prompt_tokens.append(len(req.origin_input_ids))
-            out.completion_tokens.append(len(req.output_ids))
+            out.completion_tokens.append(req.num_resolved)
             out.cached_tokens.append(req.cached_tokens)
             sp = req.sampling_params
             out.skip_special_tokens.append(sp.skip_special_tokens)
@@ -483,7 +560,7 @@ class Scheduler:
 
     def flush_cache(self) -> bool:
         """Drop the radix cache; refused while requests hold KV."""
-        if self.running or self.chunked_req or self.waiting_queue:
+        if self.running or self.chunked_req or self.waiting_queue or self._in_flight:
             return False
         self.tree_cache.reset()
         return True

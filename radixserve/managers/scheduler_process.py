@@ -91,20 +91,30 @@ class SchedulerLoop:
 
 
 def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs,
-                          ready_pipe: Connection) -> None:
+                          ready_pipe: Connection, dp_rank: int = 0,
+                          dist_addr: str | None = None) -> None:
     """Process entry: load the model, report readiness + model info, loop forever.
+    Under TP this is rank 0 of its replica, joining the group at `dist_addr`.
 
     Any exception is logged and ends the process with a non-zero code; the API
     server notices (its /health turns 503) and shuts down.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent shuts us down
-    logging.basicConfig(level=server_args.log_level.upper(),
-                        format="[scheduler] %(levelname)s %(message)s")
-    start_parent_watchdog()
+    setup_worker_process(server_args, "scheduler" if server_args.tp_size == 1 else f"dp{dp_rank} tp0")
     try:
         from radixserve.managers.scheduler import Scheduler
 
-        scheduler = Scheduler(server_args)
+        scheduler: Any
+        if server_args.tp_size > 1:
+            from radixserve.distributed.parallel_state import init_tp_group
+            from radixserve.managers.tp_sync import TpScheduler
+
+            group = init_tp_group(server_args, 0, str(dist_addr), dp_rank)
+            scheduler = TpScheduler(Scheduler(server_args), group)
+        else:
+            from radixserve.distributed.parallel_state import bind_device
+
+            bind_device(server_args, 0, dp_rank)  # DP replica d takes GPU d
+            scheduler = Scheduler(server_args)
         loop = SchedulerLoop(scheduler, port_args)
         ready_pipe.send({"status": "ready", **model_info(scheduler)})
     except Exception as exc:
@@ -116,3 +126,36 @@ def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs,
     except Exception:
         logger.exception("scheduler crashed")
         sys.exit(1)
+
+
+def run_tp_follower_process(server_args: ServerArgs, tp_rank: int, dp_rank: int,
+                            dist_addr: str, ready_pipe: Connection) -> None:
+    """Process entry of TP rank > 0: the same Scheduler, driven by rank 0's broadcasts."""
+    setup_worker_process(server_args, f"dp{dp_rank} tp{tp_rank}")
+    try:
+        from radixserve.distributed.parallel_state import init_tp_group
+        from radixserve.managers.scheduler import Scheduler
+
+        group = init_tp_group(server_args, tp_rank, dist_addr, dp_rank)
+        scheduler = Scheduler(server_args)
+        ready_pipe.send({"status": "ready"})
+    except Exception as exc:
+        logger.exception("TP rank %d failed to start", tp_rank)
+        ready_pipe.send({"status": "error", "message": repr(exc)})
+        sys.exit(1)
+    from radixserve.managers.tp_sync import run_follower_loop
+
+    try:
+        run_follower_loop(scheduler, group)
+    except Exception:
+        # Most often rank 0 is gone: gloo reports the closed connection.
+        logger.exception("TP rank %d of DP replica %d lost its group; exiting", tp_rank,
+                         dp_rank)
+        sys.exit(1)
+
+
+def setup_worker_process(server_args: ServerArgs, name: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent shuts us down
+    logging.basicConfig(level=server_args.log_level.upper(),
+                        format=f"[{name}] %(levelname)s %(message)s")
+    start_parent_watchdog()

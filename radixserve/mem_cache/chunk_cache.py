@@ -35,8 +35,8 @@ class ChunkCache:
     def cache_finished_req(self, req: Req) -> None:
         """Free the request's KV and row. Calling it again does nothing."""
         if req.req_pool_idx is not None:
-            slots = self.req_to_token_pool.req_to_token[req.req_pool_idx, :req.kv_committed_len]
-            self.token_to_kv_pool_allocator.free(slots.to(device="cpu", dtype=torch.int64))
+            self.token_to_kv_pool_allocator.free(
+                self.req_to_token_pool.read(req.req_pool_idx, req.kv_committed_len))
             self.req_to_token_pool.free(req.req_pool_idx)
             req.req_pool_idx = None
         req.last_node = None
@@ -45,8 +45,7 @@ class ChunkCache:
     def cache_unfinished_req(self, req: Req) -> None:
         """The next chunk extends what this one computed; the request keeps ownership."""
         assert req.req_pool_idx is not None
-        row = self.req_to_token_pool.req_to_token[req.req_pool_idx, :req.kv_committed_len]
-        req.prefix_indices = row.to(device="cpu", dtype=torch.int64)
+        req.prefix_indices = self.req_to_token_pool.read(req.req_pool_idx, req.kv_committed_len)
 
     def evict(self, num_tokens: int) -> int:
         return 0

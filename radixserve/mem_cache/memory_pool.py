@@ -17,6 +17,10 @@ class ReqToTokenPool:
         self.max_context_len = max_context_len
         self.device = device
         self.req_to_token = torch.zeros((size, max_context_len), dtype=torch.int32, device=device)
+        # A host copy that the scheduler and the radix cache read: reading the device
+        # table would wait for every batch in flight.
+        self.req_to_token_cpu = (self.req_to_token if self.req_to_token.device.type == "cpu"
+                                 else torch.zeros((size, max_context_len), dtype=torch.int32))
         self.free_slots: list[int] = list(range(size))
 
     def available_size(self) -> int:
@@ -34,12 +38,28 @@ class ReqToTokenPool:
 
     def write(self, idx: int, start: int, slots: torch.Tensor) -> None:
         """Record that positions [start, start + len(slots)) of row idx live in `slots`."""
-        self.req_to_token[idx, start:start + len(slots)] = slots.to(torch.int32)
+        self.req_to_token[idx, start:start + len(slots)] = self._to_device(slots)
+        if self.req_to_token_cpu is not self.req_to_token:
+            self.req_to_token_cpu[idx, start:start + len(slots)] = slots.to(torch.int32)
 
     def write_many(self, rows: torch.Tensor, cols: torch.Tensor, slots: torch.Tensor) -> None:
         """req_to_token[rows[i], cols[i]] = slots[i], in one scatter."""
-        dev = self.req_to_token.device
-        self.req_to_token[rows.to(dev), cols.to(dev)] = slots.to(dev, torch.int32)
+        self.req_to_token[self._to_device(rows, torch.int64),
+                          self._to_device(cols, torch.int64)] = self._to_device(slots)
+        if self.req_to_token_cpu is not self.req_to_token:
+            self.req_to_token_cpu[rows, cols] = slots.to(torch.int32)
+
+    def read(self, idx: int, n: int) -> torch.Tensor:
+        """Slots of positions [0, n) of row idx, as int64 on the host."""
+        return self.req_to_token_cpu[idx, :n].to(torch.int64)
+
+    def _to_device(self, t: torch.Tensor, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+        """Host → device without blocking the host: from pinned memory, asynchronously
+        (the overlapped scheduler must not wait on the batch in flight)."""
+        t = t.to(dtype)
+        if self.req_to_token.device.type != "cuda" or t.device.type == "cuda":
+            return t
+        return t.pin_memory().to(self.req_to_token.device, non_blocking=True)
 
     def clear(self) -> None:
         self.free_slots = list(range(self.size))
@@ -79,3 +99,41 @@ class MHATokenToKVPool:
                         v_head_dim: int | None = None) -> int:
         elem = torch.tensor([], dtype=dtype).element_size()
         return elem * num_kv_heads * (head_dim + (v_head_dim or head_dim)) * num_layers
+
+
+class MLATokenToKVPool:
+    """Multi-head latent attention's compressed cache: per token and layer one row of
+    kv_lora_rank (the normalised latent c, which serves as both K's no-rope part and V
+    after absorption) + qk_rope_head_dim (the shared, rotated rope key).
+    `kv_buffer[layer]` has shape [size + 1, 1, kv_lora_rank + rope_dim]."""
+
+    def __init__(self, size: int, dtype: torch.dtype, kv_lora_rank: int, qk_rope_head_dim: int,
+                 num_layers: int, device: str | torch.device) -> None:
+        self.size = size
+        self.dtype = dtype
+        self.kv_lora_rank = kv_lora_rank
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.num_layers = num_layers
+        self.device = device
+        self.kv_buffer = [torch.zeros((size + 1, 1, kv_lora_rank + qk_rope_head_dim),
+                                      dtype=dtype, device=device) for _ in range(num_layers)]
+
+    def get_key_buffer(self, layer_id: int) -> torch.Tensor:
+        return self.kv_buffer[layer_id]
+
+    def get_value_buffer(self, layer_id: int) -> torch.Tensor:
+        """The latent part of the same rows (a strided view: V is not stored twice)."""
+        return self.kv_buffer[layer_id][..., :self.kv_lora_rank]
+
+    def set_mla_kv_buffer(self, layer_id: int, loc: torch.Tensor, latent: torch.Tensor,
+                          k_rope: torch.Tensor) -> None:
+        """latent: [T, kv_lora_rank]; k_rope: [T, rope_dim]; loc: [T] slot indices."""
+        buf = self.kv_buffer[layer_id]
+        buf[loc, 0, :self.kv_lora_rank] = latent.to(self.dtype)
+        buf[loc, 0, self.kv_lora_rank:] = k_rope.to(self.dtype)
+
+    @staticmethod
+    def bytes_per_token(dtype: torch.dtype, kv_lora_rank: int, qk_rope_head_dim: int,
+                        num_layers: int) -> int:
+        elem = torch.tensor([], dtype=dtype).element_size()
+        return elem * (kv_lora_rank + qk_rope_head_dim) * num_layers

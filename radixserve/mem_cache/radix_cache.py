@@ -275,8 +275,7 @@ class RadixCache:
 
     def _row_slots(self, req: Req, n: int) -> torch.Tensor:
         assert req.req_pool_idx is not None
-        row = self.req_to_token_pool.req_to_token[req.req_pool_idx, :n]
-        return row.to(device="cpu", dtype=torch.int64)
+        return self.req_to_token_pool.read(req.req_pool_idx, n)
 
     def cache_finished_req(self, req: Req) -> None:
         """Hand a finished (or retracted) request's KV to the tree and release its row

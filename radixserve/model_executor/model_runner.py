@@ -7,16 +7,19 @@ are already allocated, and it returns sampled tokens (and logprobs when asked).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
 
 from radixserve.configs.model_config import ModelConfig
+from radixserve.distributed.parallel_state import get_tp_group, kv_heads_per_rank
 from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.sampler import Sampler, get_token_logprobs
 from radixserve.managers.schedule_batch import Req, ScheduleBatch
 from radixserve.mem_cache.allocator import TokenToKVPoolAllocator
-from radixserve.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+from radixserve.mem_cache.memory_pool import (MHATokenToKVPool, MLATokenToKVPool,
+                                              ReqToTokenPool)
 from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 from radixserve.model_loader.loader import load_model
 from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
@@ -27,6 +30,47 @@ logger = logging.getLogger(__name__)
 # KV budget on CPU when --max-total-tokens is not given.
 _CPU_KV_BYTES = 1 << 30
 _CPU_MAX_TOTAL_TOKENS = 65536
+
+
+@dataclass
+class PendingBatch:
+    """A launched batch whose outputs may still be on their way from the device."""
+
+    next_ids: torch.Tensor  # on the device
+    host_ids: torch.Tensor  # pinned host copy, valid once `ready` has fired
+    future_base: int  # placeholder of request i is -(future_base + i + 1)
+    next_logits: torch.Tensor | None
+    logits: torch.Tensor | None
+    prompt_plan: list[tuple[int, list[int]] | None] | None
+    top_nums: list[int]
+    ready: torch.cuda.Event | None = None
+
+
+class FutureTokenMap:
+    """Device ring buffer of sampled tokens, so that a batch can be launched before the
+    previous one's tokens reach the host: the scheduler writes the placeholder
+    -(slot + 1) where a token is not known yet, and `resolve` swaps in the sampled value
+    on the device. Sized for two batches in flight, so a slot is never overwritten
+    before the batch that reads it has run."""
+
+    def __init__(self, max_batch: int, device: torch.device) -> None:
+        self.size = 2 * max_batch + 2
+        self.buf = torch.zeros(self.size, dtype=torch.int64, device=device)
+        self.next = 0
+        self.pending = False  # set by the scheduler while placeholders may be in use
+
+    def store(self, ids: torch.Tensor) -> int:
+        n = ids.shape[0]
+        if self.next + n > self.size:
+            self.next = 0
+        base = self.next
+        self.buf[base:base + n] = ids
+        self.next += n
+        return base
+
+    def resolve(self, input_ids: torch.Tensor) -> torch.Tensor:
+        slots = (-input_ids - 1).clamp(min=0)
+        return torch.where(input_ids < 0, self.buf[slots], input_ids)
 
 
 @dataclass
@@ -48,11 +92,18 @@ class ModelRunner:
         self.device = torch.device(server_args.device)
         self.dtype = model_config.dtype
         self.page_size = server_args.page_size
+        # This rank's share of the heads: the KV pool and the kernels see only those.
+        self.tp_group = get_tp_group()
+        self.num_heads = model_config.num_attention_heads // self.tp_group.size
+        self.num_kv_heads = kv_heads_per_rank(model_config.num_key_value_heads,
+                                              self.tp_group.size)
         torch.manual_seed(server_args.random_seed)
         self.model = load_model(server_args, model_config)
         self._init_memory_pools()
         self.attn_backend = self._make_attn_backend()
         self.sampler = Sampler()
+        self.future = FutureTokenMap(self.max_running_requests + 1, self.device)
+        self.last_wait_s = 0.0  # host time spent waiting for the device in resolve_batch
         self.cuda_graph_runner = None
         if self.device.type == "cuda" and not server_args.disable_cuda_graph:
             from radixserve.model_executor.cuda_graph_runner import CudaGraphRunner
@@ -63,7 +114,10 @@ class ModelRunner:
 
     def _kv_bytes_per_token(self) -> int:
         mc = self.model_config
-        return MHATokenToKVPool.bytes_per_token(self.dtype, mc.num_key_value_heads, mc.head_dim,
+        if mc.is_mla:
+            return MLATokenToKVPool.bytes_per_token(self.dtype, mc.kv_lora_rank,
+                                                    mc.qk_rope_head_dim, mc.num_hidden_layers)
+        return MHATokenToKVPool.bytes_per_token(self.dtype, self.num_kv_heads, mc.head_dim,
                                                 mc.num_hidden_layers)
 
     def _profile_max_total_tokens(self) -> int:
@@ -87,7 +141,8 @@ class ModelRunner:
     def _init_memory_pools(self) -> None:
         sa = self.server_args
         mc = self.model_config
-        self.max_total_num_tokens = self._profile_max_total_tokens()
+        # TP ranks must agree on the pool size, or their schedulers would diverge.
+        self.max_total_num_tokens = self.tp_group.min_int(self._profile_max_total_tokens())
         self.max_total_num_tokens -= self.max_total_num_tokens % self.page_size
         if self.max_total_num_tokens < self.page_size:
             raise ValueError(f"max_total_tokens={self.max_total_num_tokens} is below one page")
@@ -102,9 +157,12 @@ class ModelRunner:
             self.max_total_num_tokens, self.page_size, self.device)
         # The allocator hands out pages 1..num_pages; page 0 is the reserved padding page.
         num_slots = self.max_total_num_tokens + self.page_size - 1
-        self.token_to_kv_pool = MHATokenToKVPool(
-            num_slots, self.dtype, mc.num_key_value_heads, mc.head_dim, mc.num_hidden_layers,
-            self.device)
+        if mc.is_mla:
+            self.token_to_kv_pool = self._make_mla_pool(num_slots)
+        else:
+            self.token_to_kv_pool = MHATokenToKVPool(
+                num_slots, self.dtype, self.num_kv_heads, mc.head_dim, mc.num_hidden_layers,
+                self.device)
         logger.info("KV cache: %d tokens (%.2f GiB), %d request slots",
                     self.max_total_num_tokens,
                     self.max_total_num_tokens * self._kv_bytes_per_token() / 2**30,
@@ -112,6 +170,8 @@ class ModelRunner:
 
     def _make_attn_backend(self) -> AttentionBackend:
         name = self.server_args.attention_backend
+        if self.model_config.is_mla:
+            return self._make_mla_backend(name)
         if name == "torch_native":
             from radixserve.layers.attention.torch_native import TorchNativeAttnBackend
 
@@ -120,8 +180,28 @@ class ModelRunner:
             from radixserve.layers.attention.triton import TritonAttnBackend
 
             mc = self.model_config
-            return TritonAttnBackend(mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim,
+            return TritonAttnBackend(self.num_heads, self.num_kv_heads, mc.head_dim,
                                      self.device, self.max_context_len)
+        raise ValueError(f"unknown attention backend {name!r} (torch_native, triton)")
+
+    # --- MLA (DeepSeek): the compressed KV pool and its backends -------------------
+
+    def _make_mla_pool(self, num_slots: int) -> MLATokenToKVPool:
+        mc = self.model_config
+        return MLATokenToKVPool(num_slots, self.dtype, mc.kv_lora_rank, mc.qk_rope_head_dim,
+                                mc.num_hidden_layers, self.device)
+
+    def _make_mla_backend(self, name: str) -> AttentionBackend:
+        if name == "torch_native":
+            from radixserve.layers.attention.torch_native_mla import TorchNativeMLABackend
+
+            return TorchNativeMLABackend()
+        if name == "triton":
+            from radixserve.layers.attention.triton_mla import TritonMLABackend
+
+            mc = self.model_config
+            return TritonMLABackend(self.num_heads, mc.kv_lora_rank, mc.qk_rope_head_dim,
+                                    self.device, self.max_context_len)
         raise ValueError(f"unknown attention backend {name!r} (torch_native, triton)")
 
     # --- forward ------------------------------------------------------------------
@@ -182,21 +262,75 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_batch_generation(self, batch: ScheduleBatch) -> BatchResult:
+        """Run a batch and wait for its tokens (the non-overlapped path)."""
+        return self.resolve_batch(self.launch_batch(batch))
+
+    @torch.inference_mode()
+    def launch_batch(self, batch: ScheduleBatch) -> PendingBatch:
+        """Enqueue forward + sampling; nothing here waits for the device.
+
+        Input ids may hold placeholders for tokens an earlier, still running batch
+        samples (see FutureTokenMap); they are resolved on the device.
+        """
         fb = self.build_forward_batch(batch)
+        if self.future.pending:
+            fb.input_ids = self.future.resolve(fb.input_ids)
         hidden = self.forward(fb)
         logits = self.model.compute_logits(hidden)
         reqs = batch.reqs
         # Rows of `logits` that belong to each request: the last one is the next token's.
         counts = self._logits_rows_per_req(batch, fb)
-        last_rows = torch.cumsum(torch.tensor(counts), 0) - 1
-        next_logits = logits[last_rows.to(logits.device)] if len(counts) != logits.shape[0] \
-            else logits
+        if len(counts) != logits.shape[0]:
+            last_rows = torch.cumsum(torch.tensor(counts), 0) - 1
+            next_logits = logits[last_rows.to(logits.device, non_blocking=True)]
+        else:
+            next_logits = logits
         info = SamplingBatchInfo.from_reqs(reqs, self.model_config.vocab_size, self.device)
         info.update_vocab_mask()  # grammar masks (overlap hook: see its docstring)
-        # The sampler works on its own copy, so these stay the raw logits for logprobs.
-        raw_next_logits = next_logits if any(r.return_logprob for r in reqs) else None
-        next_ids = self.sampler(next_logits, info)
-        return self._make_result(batch, logits, raw_next_logits, next_ids, counts)
+        # Every TP rank feeds rank 0's tokens back in, whatever its own sampler drew.
+        next_ids = self.tp_group.broadcast(self.sampler(next_logits, info))
+        future_base = self.future.store(next_ids)
+        want_logprobs = any(r.return_logprob for r in reqs)
+        pending = PendingBatch(
+            next_ids=next_ids, host_ids=_to_host(next_ids), future_base=future_base,
+            # The sampler works on its own copy: these stay the raw logits for logprobs.
+            next_logits=next_logits if want_logprobs else None,
+            logits=logits if want_logprobs else None,
+            prompt_plan=self._prompt_logprob_plan(batch, counts) if want_logprobs else None,
+            top_nums=[r.top_logprobs_num if r.return_logprob else -1 for r in reqs])
+        if self.device.type == "cuda":
+            pending.ready = torch.cuda.Event()
+            pending.ready.record()
+        return pending
+
+    def resolve_batch(self, pending: PendingBatch) -> BatchResult:
+        """Wait for a launched batch and turn its outputs into host values."""
+        if pending.ready is not None:
+            t0 = time.perf_counter()
+            pending.ready.synchronize()
+            self.last_wait_s += time.perf_counter() - t0
+        ids = pending.host_ids.tolist()
+        n = len(ids)
+        result = BatchResult(ids, [None] * n, [None] * n, [None] * n, [None] * n)
+        if pending.next_logits is None:
+            return result
+        want = [i for i, k in enumerate(pending.top_nums) if k >= 0]
+        lps, tops = get_token_logprobs(pending.next_logits[want], pending.next_ids[want],
+                                       [pending.top_nums[i] for i in want])
+        for j, i in enumerate(want):
+            result.next_token_logprobs[i] = (lps[j], ids[i])
+            result.next_top_logprobs[i] = tops[j]
+        for i, plan in enumerate(pending.prompt_plan or []):
+            if plan is None:
+                continue
+            row, targets = plan
+            rows = pending.logits[row:row + len(targets)]
+            lps, tops = get_token_logprobs(
+                rows, torch.tensor(targets, dtype=torch.int64, device=rows.device),
+                [pending.top_nums[i]] * len(targets)) if targets else ([], [])
+            result.input_logprobs[i] = list(zip(lps, targets))
+            result.input_top_logprobs[i] = tops
+        return result
 
     @staticmethod
     def _logits_rows_per_req(batch: ScheduleBatch, fb: ForwardBatch) -> list[int]:
@@ -205,45 +339,25 @@ class ModelRunner:
         return [e - _first_logprob_row(r, p, e) for r, p, e in
                 zip(batch.reqs, fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu)]
 
-    def _make_result(self, batch: ScheduleBatch, logits: torch.Tensor,
-                     raw_next_logits: torch.Tensor | None, next_ids: torch.Tensor,
-                     counts: list[int]) -> BatchResult:
-        reqs = batch.reqs
-        ids = next_ids.tolist()
-        n = len(reqs)
-        result = BatchResult(ids, [None] * n, [None] * n, [None] * n, [None] * n)
-        if raw_next_logits is None:
-            return result
-        want = [i for i, r in enumerate(reqs) if r.return_logprob]
-        lps, tops = get_token_logprobs(raw_next_logits[want], next_ids[want],
-                                       [reqs[i].top_logprobs_num for i in want])
-        for j, i in enumerate(want):
-            result.next_token_logprobs[i] = (lps[j], ids[i])
-            result.next_top_logprobs[i] = tops[j]
-        if batch.forward_mode.is_decode():
-            return result
-        self._prompt_logprobs(batch, logits, counts, result)
-        return result
-
-    def _prompt_logprobs(self, batch: ScheduleBatch, logits: torch.Tensor, counts: list[int],
-                         result: BatchResult) -> None:
-        """Logprob of each prompt token given the tokens before it, for this chunk."""
+    @staticmethod
+    def _prompt_logprob_plan(batch: ScheduleBatch, counts: list[int]
+                             ) -> list[tuple[int, list[int]] | None]:
+        """Per request: (first logits row, prompt tokens those rows predict), decided at
+        launch, before the scheduler moves the request on."""
+        plan: list[tuple[int, list[int]] | None] = []
         start = 0
         for i, r in enumerate(batch.reqs):
             c = counts[i]
-            if _wants_prompt_logprobs(r):
+            if batch.forward_mode.is_decode() or not _wants_prompt_logprobs(r):
+                plan.append(None)
+            else:
                 e = len(r.fill_ids) - r.kv_committed_len
                 first_pos = r.kv_committed_len + e - c
                 # The row at position q predicts token q + 1; only prompt tokens count.
                 prompt = r.origin_input_ids
-                targets = prompt[first_pos + 1:min(first_pos + c, len(prompt) - 1) + 1]
-                rows = logits[start:start + len(targets)]
-                lps, tops = get_token_logprobs(
-                    rows, torch.tensor(targets, dtype=torch.int64, device=logits.device),
-                    [r.top_logprobs_num] * len(targets)) if targets else ([], [])
-                result.input_logprobs[i] = list(zip(lps, targets))
-                result.input_top_logprobs[i] = tops
+                plan.append((start, prompt[first_pos + 1:min(first_pos + c, len(prompt) - 1) + 1]))
             start += c
+        return plan
 
 
 def _wants_prompt_logprobs(req: Req) -> bool:
@@ -262,4 +376,17 @@ def _first_logprob_row(req: Req, prefix_len: int, ext_len: int) -> int:
 
 
 def _tensor(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+    t = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        # From pinned memory the copy is truly asynchronous (pageable memory is staged
+        # synchronously), which the overlapped scheduler relies on.
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "cpu":
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out

@@ -12,6 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from radixserve.configs.model_config import ModelConfig
+from radixserve.distributed.parallel_state import get_tp_group
 from radixserve.model_loader.dummy import init_dummy_weights
 from radixserve.model_loader.gguf_loader import count_gguf_tensors, iterate_gguf, resolve_gguf_file
 from radixserve.model_loader.safetensors_loader import (count_tensors, iterate_safetensors,
@@ -55,7 +56,9 @@ def _weights(fmt: str, model_config: ModelConfig
         return iterate_gguf(gguf_file, model_config.hf_config), count_gguf_tensors(gguf_file)
     if not os.path.isdir(path):
         raise ValueError(f"safetensors weights need a model folder, got {path}")
-    return iterate_safetensors(path), count_tensors(safetensors_files(path)[0])
+    # Under TP each rank reads only its own slices (see LazySlice).
+    lazy = get_tp_group().size > 1
+    return iterate_safetensors(path, lazy), count_tensors(safetensors_files(path)[0])
 
 
 @contextlib.contextmanager

@@ -39,7 +39,25 @@ def count_tensors(files: list[str]) -> int:
     return total
 
 
-def iterate_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
+class LazySlice:
+    """A checkpoint tensor not read yet: `narrow` reads only the rows or columns asked
+    for, so a TP rank never loads the other ranks' shards. Valid while its file is open
+    (until the iterator moves on)."""
+
+    def __init__(self, handle: safe_open, name: str) -> None:
+        self._slice = handle.get_slice(name)
+        self.shape = torch.Size(self._slice.get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        return self._slice[(slice(None),) * dim + (slice(start, start + length),)]
+
+    def full(self) -> torch.Tensor:
+        return self._slice[:]
+
+
+def iterate_safetensors(model_dir: str, lazy: bool = False
+                        ) -> Iterator[tuple[str, torch.Tensor | LazySlice]]:
+    """(name, tensor) pairs; with `lazy`, (name, LazySlice) pairs instead."""
     files, weight_map = safetensors_files(model_dir)
     for path in files:
         with _open(path) as f:
@@ -51,7 +69,7 @@ def iterate_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
                     raise ValueError(f"{path}: tensors listed in {INDEX_FILE} are absent: {absent}")
             for name in names:
                 try:
-                    tensor = f.get_tensor(name)
+                    tensor = LazySlice(f, name) if lazy else f.get_tensor(name)
                 except SafetensorError as e:
                     raise ValueError(f"{path}: cannot read tensor {name!r}: {e}") from e
                 yield name, tensor

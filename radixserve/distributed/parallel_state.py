@@ -1,0 +1,134 @@
+"""The tensor-parallel group of this process: rank, size and the collectives layers use.
+
+Each TP group is its own torch.distributed world (DP replicas never talk to each
+other), with two communicators:
+
+* the device group: NCCL on CUDA, gloo on CPU; carries the activations
+  (all-reduce after row-parallel layers, all-gather of logits) and the sampled ids;
+* the CPU group: always gloo; carries Python objects (the scheduler's commands that
+  rank 0 broadcasts each step). Followers block on it while the server is idle, so it
+  waits without a deadline; a dead peer still breaks it at once (gloo sees the closed
+  socket), which is how a follower learns that rank 0 is gone.
+
+Processes that never call `init_tp_group` see a group of size 1, whose collectives are
+no-ops, so single-GPU code paths pay nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from radixserve.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+# The CPU group's wait for rank 0's next command: an idle server sends none.
+_CPU_GROUP_TIMEOUT = datetime.timedelta(days=30)
+
+
+@dataclass
+class TpGroup:
+    rank: int = 0
+    size: int = 1
+    device_group: Any = None  # dist.ProcessGroup; None when size == 1
+    cpu_group: Any = None
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place."""
+        if self.size > 1:
+            dist.all_reduce(x, group=self.device_group)
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenate every rank's `x` along `dim`, in rank order."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.device_group)
+        return torch.cat(parts, dim=dim)
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Every rank gets rank `src`'s values, in place."""
+        if self.size > 1:
+            dist.broadcast(x, src=src, group=self.device_group)
+        return x
+
+    def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
+        """Rank `src`'s picklable object on every rank (over the CPU group)."""
+        if self.size == 1:
+            return obj
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src, group=self.cpu_group)
+        return box[0]
+
+    def min_int(self, value: int) -> int:
+        """The smallest `value` over ranks (so that all ranks size their KV alike)."""
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
+        return int(t.item())
+
+
+_TP = TpGroup()
+
+
+def get_tp_group() -> TpGroup:
+    return _TP
+
+
+def resolve_tp(tp_rank: int | None, tp_size: int | None) -> tuple[int, int]:
+    """A layer's (rank, size): as given (tests build shards by hand), else this process's."""
+    return (_TP.rank if tp_rank is None else tp_rank,
+            _TP.size if tp_size is None else tp_size)
+
+
+def kv_heads_per_rank(total_kv_heads: int, tp_size: int) -> int:
+    """KV heads each rank stores: split when there are enough, else one replicated head
+    (QKVParallelLinear gives rank r the head r // (tp_size / total_kv_heads))."""
+    return max(1, total_kv_heads // tp_size)
+
+
+def gpu_id_for(server_args: ServerArgs, tp_rank: int, dp_rank: int) -> int:
+    """This rank's local CUDA device: replicas take consecutive blocks of GPUs."""
+    per_node = server_args.tp_size // server_args.nnodes
+    return server_args.base_gpu_id + dp_rank * per_node + tp_rank % per_node
+
+
+def bind_device(server_args: ServerArgs, tp_rank: int, dp_rank: int) -> None:
+    """Make this rank's GPU the current device (every later `cuda` tensor lands there)."""
+    if server_args.device == "cuda":
+        torch.cuda.set_device(gpu_id_for(server_args, tp_rank, dp_rank))
+
+
+def init_tp_group(server_args: ServerArgs, tp_rank: int, dist_addr: str,
+                  dp_rank: int = 0) -> TpGroup:
+    """Join the TP world of one replica (blocks until all tp_size ranks arrive)."""
+    global _TP
+    size = server_args.tp_size
+    cuda = server_args.device == "cuda"
+    bind_device(server_args, tp_rank, dp_rank)
+    timeout = (datetime.timedelta(seconds=server_args.dist_timeout)
+               if server_args.dist_timeout else None)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{dist_addr}",
+                            world_size=size, rank=tp_rank, timeout=timeout)
+    cpu_group = dist.new_group(backend="gloo", timeout=_CPU_GROUP_TIMEOUT)
+    _TP = TpGroup(tp_rank, size, dist.group.WORLD, cpu_group)
+    # Create the NCCL communicator now, outside any CUDA graph capture.
+    _TP.all_reduce(torch.zeros(1, device=torch.device(server_args.device)))
+    logger.info("TP rank %d/%d of DP replica %d joined %s (%s)", tp_rank, size, dp_rank,
+                dist_addr, "nccl" if cuda else "gloo")
+    return _TP
+
+
+def destroy_tp_group() -> None:
+    global _TP
+    if _TP.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+    _TP = TpGroup()

@@ -1,0 +1,148 @@
+"""Multi-head latent attention: the compressed KV pool, the Triton MLA kernels and
+backend (CPU interpreter) against the PyTorch reference, and the engine's radix cache
+and chunked prefill on a DeepSeek checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixserve.engine import Engine
+from radixserve.layers.attention.torch_native_mla import (TorchNativeMLABackend,
+                                                          mla_decode_reference)
+from radixserve.layers.attention.triton_mla import TritonMLABackend
+from radixserve.layers.attention.triton_ops.decode_attention import alloc_decode_scratch
+from radixserve.layers.attention.triton_ops.mla_decode import mla_decode_fwd
+from radixserve.layers.radix_attention import RadixAttention
+from radixserve.mem_cache.memory_pool import (MHATokenToKVPool, MLATokenToKVPool,
+                                              ReqToTokenPool)
+from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
+from tests.moe_factory import make_tiny_moe_checkpoint
+from tests.test_engine import hf_greedy
+
+RANK, ROPE, HEADS, NOPE, V = 48, 8, 20, 16, 12  # rank not a power of 2; 2 head blocks
+
+
+def _paged_cache(seq_lens: list[int], seed: int = 0
+                 ) -> tuple[MLATokenToKVPool, ReqToTokenPool, torch.Tensor]:
+    """A pool of random rows; each request's slots scattered over it (paging)."""
+    g = torch.Generator().manual_seed(seed)
+    total = sum(seq_lens) + 8
+    pool = MLATokenToKVPool(total, torch.float32, RANK, ROPE, 1, "cpu")
+    pool.kv_buffer[0].copy_(torch.randn(pool.kv_buffer[0].shape, generator=g))
+    req_pool = ReqToTokenPool(len(seq_lens) + 1, max(seq_lens) + 4, "cpu")
+    perm = torch.randperm(total, generator=g)[:sum(seq_lens)] + 1
+    start = 0
+    for row, n in enumerate(seq_lens):
+        req_pool.write(row + 1, 0, perm[start:start + n])  # row 0 left unused
+        start += n
+    return pool, req_pool, torch.arange(1, len(seq_lens) + 1)
+
+
+def test_mla_decode_kernel_matches_reference() -> None:
+    seq_lens = [1, 17, 40]  # crosses 8-token blocks and 16-token splits on the CPU
+    pool, req_pool, rows = _paged_cache(seq_lens)
+    g = torch.Generator().manual_seed(1)
+    q_lat = torch.randn(len(seq_lens), HEADS, RANK, generator=g)
+    q_rope = torch.randn(len(seq_lens), HEADS, ROPE, generator=g)
+    lens = torch.tensor(seq_lens)
+    mid_o, mid_lse = alloc_decode_scratch(len(seq_lens), HEADS, RANK, 4, torch.device("cpu"))
+    out = torch.empty_like(q_lat)
+    mla_decode_fwd(q_lat, q_rope, pool.kv_buffer[0], out, req_pool.req_to_token, rows, lens,
+                   0.3, mid_o, mid_lse)
+    ref = mla_decode_reference(q_lat, q_rope, pool.kv_buffer[0], req_pool.req_to_token, rows,
+                               lens, 0.3)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def _batch(mode: ForwardMode, pool: MLATokenToKVPool, req_pool: ReqToTokenPool,
+           rows: torch.Tensor, prefix: list[int], ext: list[int], backend) -> ForwardBatch:
+    seq = [p + e for p, e in zip(prefix, ext)]
+    loc = torch.cat([req_pool.req_to_token[r, p:s].long() for r, p, s in
+                     zip(rows.tolist(), prefix, seq)])
+    extend = {} if mode.is_decode() else dict(
+        extend_prefix_lens=torch.tensor(prefix), extend_seq_lens=torch.tensor(ext),
+        extend_start_loc=torch.tensor([0, *torch.tensor(ext).cumsum(0)[:-1].tolist()]),
+        extend_prefix_lens_cpu=prefix, extend_seq_lens_cpu=ext)
+    fb = ForwardBatch(forward_mode=mode, batch_size=len(seq),
+                      input_ids=torch.zeros(sum(ext), dtype=torch.int64),
+                      positions=torch.zeros(sum(ext), dtype=torch.int64), req_pool_indices=rows,
+                      seq_lens=torch.tensor(seq), out_cache_loc=loc, seq_lens_cpu=seq,
+                      req_to_token_pool=req_pool, token_to_kv_pool=pool, attn_backend=backend,
+                      **extend)
+    backend.init_forward_metadata(fb)
+    return fb
+
+
+@pytest.mark.parametrize("prefix", [[0, 0, 0], [0, 9, 33]])
+def test_triton_mla_backend_matches_torch(prefix: list[int]) -> None:
+    """Extend with and without cached prefixes (expanded form) and decode (absorbed),
+    both writing the new rows into the pool first."""
+    ext = [1, 8, 7]
+    g = torch.Generator().manual_seed(2)
+    w_kv = torch.randn(HEADS * (NOPE + V), RANK, generator=g) * 0.2
+    layer = RadixAttention(HEADS, NOPE + ROPE, 0.25, HEADS, 0, v_head_dim=V)
+
+    def expand(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = rows.shape[0]
+        kv = (rows[:, :RANK] @ w_kv.T).view(n, HEADS, NOPE + V)
+        k_rope = rows[:, None, RANK:].expand(n, HEADS, ROPE)
+        return torch.cat([kv[..., :NOPE], k_rope], -1), kv[..., NOPE:]
+
+    tokens = sum(ext)
+    q = torch.randn(tokens, HEADS, NOPE + ROPE, generator=g)
+    latent, k_rope = torch.randn(tokens, RANK, generator=g), torch.randn(tokens, ROPE, generator=g)
+    q_lat = torch.randn(3, HEADS, RANK, generator=g)
+    outs = []
+    for backend in (TorchNativeMLABackend(),
+                    TritonMLABackend(HEADS, RANK, ROPE, "cpu", max_context_len=64)):
+        pool, req_pool, rows = _paged_cache([p + e for p, e in zip(prefix, ext)])
+        fb = _batch(ForwardMode.EXTEND, pool, req_pool, rows, prefix, ext, backend)
+        extend_out = backend.forward_mla_extend(q, latent, k_rope, expand, layer, fb)
+        stored = pool.kv_buffer[0][fb.out_cache_loc, 0].clone()
+        dec_prefix = [p + e - 1 for p, e in zip(prefix, ext)]
+        fb = _batch(ForwardMode.DECODE, pool, req_pool, rows, dec_prefix, [1, 1, 1], backend)
+        decode_out = backend.forward_mla_decode(q_lat, q[:3, :, NOPE:], latent[:3], k_rope[:3],
+                                                layer, fb)
+        outs.append((extend_out, stored, decode_out))
+    (e_ref, s_ref, d_ref), (e_got, s_got, d_got) = outs
+    assert torch.equal(s_got, s_ref) and torch.equal(s_ref, torch.cat([latent, k_rope], -1))
+    torch.testing.assert_close(e_got, e_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(d_got, d_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_mla_cache_is_a_ninth_of_mha_for_deepseek_v2_lite() -> None:
+    """KV bytes per token (bf16) at DeepSeek-V2-Lite's shapes (shared/model_configs):
+    27 layers of one latent row, 512 + 64, versus 16 heads of K (128 + 64) and V (128)."""
+    mla = MLATokenToKVPool.bytes_per_token(torch.bfloat16, 512, 64, 27)
+    mha = MHATokenToKVPool.bytes_per_token(torch.bfloat16, 16, 128 + 64, 27, v_head_dim=128)
+    assert (mla, mha) == (31_104, 276_480)
+
+
+@pytest.fixture(scope="module")
+def deepseek_v2(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    path = make_tiny_moe_checkpoint("deepseek-v2", tmp_path_factory.mktemp("dsv2"),
+                                    with_tokenizer=False)
+    return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_mla_radix_cache_and_chunked_prefill(deepseek_v2) -> None:
+    """Prompts sharing a 20-token prefix, prefilled in chunks of 7, then again from the
+    radix cache: the same greedy tokens as HF every time."""
+    path, hf = deepseek_v2
+    shared = list(range(100, 120))
+    prompts = [shared + [7, 8, 9], shared + [300], shared[:11]]
+    refs = [hf_greedy(hf, p, 12)[0] for p in prompts]
+    engine = Engine(model_path=str(path), max_total_tokens=2048, chunked_prefill_size=7,
+                    skip_tokenizer_init=True)
+    try:
+        sp = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+        first = engine.generate(input_ids=prompts, sampling_params=sp)
+        again = engine.generate(input_ids=prompts, sampling_params=sp)
+    finally:
+        engine.shutdown()
+    assert [o["output_ids"] for o in first] == refs
+    assert [o["output_ids"] for o in again] == refs
+    assert all(o["meta_info"]["cached_tokens"] >= len(p) - 1 for o, p in zip(again, prompts))

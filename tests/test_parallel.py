@@ -1,0 +1,224 @@
+"""Tensor and data parallelism on CPU (gloo): TP=2 against TP=1 on every dense
+architecture, DP=2 against DP=1 (Engine and HTTP), a two-"node" launch over loopback,
+and a killed rank ending in a clean error rather than a hang."""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+
+from radixserve.managers.data_parallel_controller import PREFIX_BLOCK, LoadBalancer
+from tests.conftest import free_port, start_server
+from tests.model_factory import ARCHS, make_tiny_checkpoint, tiny_config
+
+PROMPTS = [[1, 5, 9, 200, 3000], [1, 7, 7, 7], [1, 42] * 20, [1, 42] * 20 + [8, 9]]
+GREEDY = {"temperature": 0, "max_new_tokens": 6}
+TOP = 5
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every dense arch, plus one with a single KV head (replicated on both ranks)."""
+    root = tmp_path_factory.mktemp("parallel")
+    out = {arch: make_tiny_checkpoint(arch, root / arch, with_tokenizer=arch == "llama")
+           for arch in ARCHS}
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama")
+    config.num_key_value_heads = 1
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "llama-mqa")
+    out["llama-mqa"] = root / "llama-mqa"
+    return out
+
+
+@functools.cache
+def _reference(path: Path) -> list[dict[str, Any]]:
+    from radixserve.engine import Engine
+
+    with Engine(str(path), skip_tokenizer_init=True, log_level="warning") as engine:
+        return engine.generate(input_ids=PROMPTS, sampling_params=GREEDY, return_logprob=True,
+                               top_logprobs_num=TOP)
+
+
+def _assert_same(ref: list[dict[str, Any]], ids: list[list[int]],
+                 tops: list[list[list[tuple[float, int]]]]) -> None:
+    for r, got_ids, got_tops in zip(ref, ids, tops):
+        assert got_ids == r["output_ids"]
+        for want_step, got_step in zip(r["meta_info"]["output_top_logprobs"], got_tops):
+            assert [t for _, t in want_step] == [t for _, t in got_step]
+            assert max(abs(a[0] - b[0]) for a, b in zip(want_step, got_step)) < 1e-4
+
+
+# --- TP: the schedulers of two ranks in lockstep, one model after another -----------
+
+def _tp_rank_main(rank: int, addr: str, paths: dict[str, str], results: Any) -> None:
+    """Both ranks load each model; rank 0 drives requests through TpScheduler."""
+    from radixserve.distributed.parallel_state import init_tp_group
+    from radixserve.managers.io_struct import TokenizedGenerateReqInput
+    from radixserve.managers.scheduler import Scheduler
+    from radixserve.managers.tp_sync import TpScheduler, run_follower_loop
+    from radixserve.sampling_params import SamplingParams
+    from radixserve.server_args import ServerArgs
+
+    group = None
+    for name, path in paths.items():
+        sa = ServerArgs(model_path=path, tp_size=2, skip_tokenizer_init=True,
+                        dist_timeout=60, log_level="warning")
+        group = group or init_tp_group(sa, rank, addr)
+        scheduler = Scheduler(sa)
+        if rank:
+            run_follower_loop(scheduler, group)
+            continue
+        tp = TpScheduler(scheduler, group)
+        for i, ids in enumerate(PROMPTS):
+            sp = SamplingParams(**GREEDY)
+            sp.normalize()
+            tp.add_request(TokenizedGenerateReqInput(f"r{i}", None, ids, sp, True, -1, TOP))
+        ids_out: dict[str, list[int]] = {}
+        tops: dict[str, list] = {}
+        while tp.has_work():
+            out = tp.step()
+            for j, rid in enumerate(out.rids if out else []):
+                ids_out.setdefault(rid, []).extend(out.new_output_ids[j])
+                tops.setdefault(rid, []).extend(out.output_top_logprobs[j])
+        assert tp.flush_cache()
+        tp.shutdown()
+        rids = [f"r{i}" for i in range(len(PROMPTS))]
+        results.put((name, [ids_out[r] for r in rids], [tops[r] for r in rids]))
+
+
+def test_tp2_matches_tp1_on_every_dense_arch(checkpoints: dict[str, Path]) -> None:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    addr = f"127.0.0.1:{free_port()}"
+    paths = {k: str(v) for k, v in checkpoints.items()}
+    procs = [ctx.Process(target=_tp_rank_main, args=(r, addr, paths, results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    refs = {name: _reference(path) for name, path in checkpoints.items()}
+    try:
+        for _ in paths:
+            name, ids, tops = results.get(timeout=120)
+            _assert_same(refs[name], ids, tops)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+
+
+# --- DP ----------------------------------------------------------------------------
+
+def test_load_balancer_methods() -> None:
+    rr = LoadBalancer("round_robin", 3)
+    assert [rr.pick([1]) for _ in range(4)] == [0, 1, 2, 0]
+    sq = LoadBalancer("shortest_queue", 2)
+    assert [sq.pick([1]) for _ in range(4)] == [0, 1, 0, 1]
+    sq.finished(1)
+    sq.finished(1)
+    assert sq.pick([1]) == 1
+    pa = LoadBalancer("prefix_affinity", 2)
+    shared = list(range(2 * PREFIX_BLOCK))
+    first = pa.pick(shared + [1])
+    assert pa.pick(shared + [2]) == first  # same prefix: same replica, despite its load
+    assert pa.pick([7] * PREFIX_BLOCK) != first  # new prefix: the shorter queue
+
+
+def test_engine_dp2_matches_dp1(checkpoints: dict[str, Path]) -> None:
+    from radixserve.engine import Engine
+
+    ref = _reference(checkpoints["qwen3"])
+    with Engine(str(checkpoints["qwen3"]), dp_size=2, skip_tokenizer_init=True,
+                load_balance_method="prefix_affinity", log_level="warning") as engine:
+        got = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY, return_logprob=True,
+                              top_logprobs_num=TOP)
+        info = engine.get_server_info()
+    _assert_same(ref, [g["output_ids"] for g in got],
+                 [g["meta_info"]["output_top_logprobs"] for g in got])
+    per_replica = [r["total_prefill_tokens"] for r in info.extra["dp_replicas"]]
+    assert all(per_replica), "both replicas served requests"
+    assert info.extra["dp_load"] == [0, 0]
+
+
+def _http_generate(url: str) -> list[dict[str, Any]]:
+    body = {"input_ids": PROMPTS, "sampling_params": GREEDY}
+    return httpx2.post(f"{url}/generate", json=body, timeout=120).raise_for_status().json()
+
+
+def test_server_dp2_matches_dp1(checkpoints: dict[str, Path]) -> None:
+    ref = _reference(checkpoints["llama"])
+    live = start_server("--model-path", str(checkpoints["llama"]), "--dp-size", "2",
+                        "--skip-tokenizer-init",
+                        "--load-balance-method", "shortest_queue", log_name="dp2")
+    try:
+        got = _http_generate(live.url)
+        assert [g["output_ids"] for g in got] == [r["output_ids"] for r in ref]
+        live.wait_idle()
+    finally:
+        live.proc.send_signal(signal.SIGTERM)
+        assert live.proc.wait(timeout=30) == 0
+
+
+# --- multi-node and failures --------------------------------------------------------
+
+def test_two_nodes_over_loopback_then_node_loss(checkpoints: dict[str, Path]) -> None:
+    """TP=2 as two nodes of one rank each; killing node 1 stops node 0's server."""
+    ref = _reference(checkpoints["llama"])
+    common = ["--model-path", str(checkpoints["llama"]), "--tp-size", "2", "--nnodes", "2",
+              "--dist-init-addr", f"127.0.0.1:{free_port()}", "--dist-timeout", "60"]
+    node1 = subprocess.Popen([sys.executable, "-m", "radixserve.launch_server", *common,
+                              "--node-rank", "1", "--log-level", "warning"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)  # its own group: the whole "node"
+    try:
+        live = start_server(*common, "--node-rank", "0", log_name="node0")
+    except BaseException:
+        node1.kill()
+        raise
+    try:
+        assert [g["output_ids"] for g in _http_generate(live.url)] == \
+            [r["output_ids"] for r in ref]
+        os.killpg(node1.pid, signal.SIGKILL)
+        node1.wait(timeout=10)
+        # The next step's broadcast finds the peer gone: an error, then the server exits.
+        resp = httpx2.post(f"{live.url}/generate", timeout=60,
+                           json={"input_ids": [1, 2, 3], "sampling_params": GREEDY})
+        assert resp.status_code >= 500
+        assert live.proc.wait(timeout=30) == 1
+    finally:
+        if live.proc.poll() is None:
+            live.proc.kill()
+        if node1.poll() is None:
+            os.killpg(node1.pid, signal.SIGKILL)
+    port = live.url.rsplit(":", 1)[1]
+    log = Path(os.environ.get("TMPDIR", "/tmp"), f"radixserve-test-node0-{port}.log").read_text()
+    assert "scheduler (DP replica 0, TP rank 0) process" in log and "shutting down" in log
+    assert "lost its group" in log
+
+
+def test_killed_rank_fails_engine_cleanly(checkpoints: dict[str, Path]) -> None:
+    from radixserve.engine import Engine
+
+    engine = Engine(str(checkpoints["llama"]), tp_size=2, skip_tokenizer_init=True,
+                    log_level="warning")
+    try:
+        assert engine.generate(input_ids=PROMPTS[0], sampling_params=GREEDY)["output_ids"]
+        follower = engine.scheduler._processes["scheduler (DP replica 0, TP rank 1)"]
+        os.kill(follower.pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"TP rank 1\) \(pid \d+\) exited with code -9"):
+            engine.generate(input_ids=PROMPTS[1], sampling_params=GREEDY)
+        assert time.monotonic() - start < 30
+    finally:
+        engine.shutdown()

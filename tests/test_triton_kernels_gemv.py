@@ -1,0 +1,86 @@
+"""The skinny GEMV kernel against its PyTorch reference, on small awkward shapes.
+
+Without CUDA the kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1 must be set
+before the kernel module is imported). The interpreter computes bf16 `tl.dot` wrongly
+(triton 3.9), so the tensor-core path is checked here in fp16 and the FMA path in bf16
+too; tests/gpu/test_gemv_gpu.py covers bf16 at the model's shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from radixserve.layers.triton_kernels.gemv import (  # noqa: E402
+    GemvConfig, default_config, gemv, gemv_reference)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not out.isnan().any()
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _operands(m: int, n: int, k: int, dtype: torch.dtype, bias: bool, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(DEVICE, dtype)
+    b = torch.randn(n, generator=g).to(DEVICE, dtype) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("m,n,k,cfg,bias", [
+    (1, 37, 100, GemvConfig(block_n=16, block_k=32), False),            # ragged N and K
+    (3, 48, 96, GemvConfig(block_n=16, block_k=32, split_k=3), True),   # split-K + bias
+    (16, 20, 64, GemvConfig(block_n=32, block_k=16, split_k=2), False),  # M at the limit
+    (5, 64, 130, GemvConfig(block_n=16, block_k=64, split_k=4), True),  # split tail is short
+    (2, 17, 40, GemvConfig(block_n=16, block_k=16, split_k=8), False),  # empty splits
+])
+def test_gemv_dot(m: int, n: int, k: int, cfg: GemvConfig, bias: bool) -> None:
+    x, w, b = _operands(m, n, k, torch.float16, bias, seed=m * 1000 + n)
+    out = gemv(x, w, b, cfg)
+    assert out.shape == (m, n) and out.dtype == x.dtype
+    assert rel_err(out, gemv_reference(x, w, b)) < 2e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,split_k", [(33, 72, 1), (40, 200, 3)])
+def test_gemv_fma_single_row(dtype: torch.dtype, n: int, k: int, split_k: int) -> None:
+    x, w, b = _operands(1, n, k, dtype, True, seed=n + k)
+    out = gemv(x, w, b, GemvConfig(block_n=16, block_k=32, split_k=split_k, use_dot=False))
+    assert rel_err(out, gemv_reference(x, w, b)) < 1e-2
+
+
+def test_gemv_strided_rows_and_default_config() -> None:
+    # x as a row-strided view (as q/k/v slices of a fused output are).
+    x_full, w, _ = _operands(3, 24, 2 * 64, torch.float16, False, seed=7)
+    x = x_full[:, :64]
+    w = w[:, :64].contiguous()
+    out = gemv(x, w)
+    assert rel_err(out, gemv_reference(x, w)) < 2e-3
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 37, 100), (1, 24, 2100), (1, 10, 4100), (4, 40, 600),
+                                   (9, 16, 48)])
+def test_gemv_default_config(m: int, n: int, k: int) -> None:
+    x, w, b = _operands(m, n, k, torch.float16, True, seed=m + n + k)
+    assert rel_err(gemv(x, w, b), gemv_reference(x, w, b)) < 2e-3
+
+
+def test_default_config_splits_only_narrow_outputs() -> None:
+    assert not default_config(1, 4096, 12288).use_dot
+    assert default_config(4, 1024, 3072).split_k > 1  # 16 programs without a split
+    assert default_config(4, 24576, 4096).split_k == 1
+
+
+def test_gemv_rejects_wide_batches() -> None:
+    x, w, _ = _operands(17, 16, 16, torch.float16, False, seed=0)
+    with pytest.raises(ValueError):
+        gemv(x, w)
