@@ -9,8 +9,10 @@ low-rank, sigmoid routing with a score-correction bias and interleaved-pair RoPE
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.model_factory import _common, smollm2_tokenizer
@@ -69,3 +71,14 @@ def make_tiny_moe_checkpoint(arch: str, path: Path, seed: int = 0,
     if with_tokenizer:
         smollm2_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Import into a test module to run it on one intra-op thread: these models are so
+    small that thread hand-offs dominate every op, and on a busy machine they cost up to
+    50x (HF's grouped-mm experts most of all)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

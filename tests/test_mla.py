@@ -17,7 +17,7 @@ from radixserve.layers.radix_attention import RadixAttention
 from radixserve.mem_cache.memory_pool import (MHATokenToKVPool, MLATokenToKVPool,
                                               ReqToTokenPool)
 from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
-from tests.moe_factory import make_tiny_moe_checkpoint
+from tests.moe_factory import make_tiny_moe_checkpoint, one_thread  # noqa: F401
 from tests.test_engine import hf_greedy
 
 RANK, ROPE, HEADS, NOPE, V = 48, 8, 20, 16, 12  # rank not a power of 2; 2 head blocks

@@ -8,7 +8,7 @@ import torch
 
 from radixserve.engine import Engine
 from tests.model_factory import smollm2_tokenizer
-from tests.moe_factory import MOE_ARCHS, make_tiny_moe_checkpoint
+from tests.moe_factory import MOE_ARCHS, make_tiny_moe_checkpoint, one_thread  # noqa: F401
 from tests.test_engine import NEW_TOKENS, PROMPTS, hf_greedy
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from radixserve.configs.model_config import ModelConfig
 from radixserve.engine import Engine
 from radixserve.server_args import ServerArgs
 
@@ -96,6 +97,29 @@ def hf_throughput(model_path: str, dtype: torch.dtype, device: str, prompts: lis
     return dict(hf_wall_s=wall, hf_output_tok_s=useful / wall, hf_requests=len(prompts))
 
 
+def _run_ours(kwargs: dict[str, Any], prompts: list[list[int]], outs: list[int],
+              must_compute: int | None, compare_no_cache: bool) -> dict[str, Any]:
+    engine = Engine(**kwargs)
+    run_engine(engine, prompts[:8], [min(o, 16) for o in outs[:8]])  # warm up
+    engine.flush_cache()
+    row = run_engine(engine, prompts, outs)
+    row["overlap"] = engine.scheduler.overlap
+    engine.shutdown()
+    if must_compute is not None:
+        optimum = 1 - must_compute / row["input_tokens"]
+        row["optimal_hit_rate"] = optimum
+        row["hit_rate_vs_optimum"] = row["cache_hit_rate"] / optimum
+    if compare_no_cache:
+        engine = Engine(**{**kwargs, "disable_radix_cache": True})
+        off = run_engine(engine, prompts, outs)
+        engine.shutdown()
+        row["no_cache_output_tok_s"] = off["output_tok_s"]
+        row["no_cache_wall_s"] = off["wall_s"]
+        row["no_cache_prefill_tokens_computed"] = off["prefill_tokens_computed"]
+        row["speedup_with_cache"] = off["wall_s"] / row["wall_s"]
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hf-num-prompts", type=int, default=None,
                         help="run HF on only the first N requests (it is slow)")
     parser.add_argument("--hf-batch-size", type=int, default=64)
+    parser.add_argument("--hf-only", action="store_true",
+                        help="run only HF (in its own process, so neither holds the other's memory)")
     parser.add_argument("--compare-no-cache", action="store_true",
                         help="shared-prefix: also run with --disable-radix-cache")
     parser.add_argument("--result-file", default=None)
@@ -121,8 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     args.skip_tokenizer_init = True
     sa = ServerArgs.from_cli_args(args)
     kwargs = {k: v for k, v in vars(sa).items() if k != "extra"}
-    engine = Engine(**kwargs)
-    vocab = engine.model_config.vocab_size
+    vocab = ModelConfig.from_server_args(sa).vocab_size
     must_compute = None
     if args.dataset == "random":
         prompts, outs = random_workload(args.num_prompts, *args.input_range,
@@ -131,31 +156,17 @@ def main(argv: list[str] | None = None) -> None:
         prompts, outs, must_compute = shared_prefix_workload(
             args.groups, args.per_group, args.system_len, args.question_len, args.output_len,
             vocab, args.seed)
-    run_engine(engine, prompts[:8], [min(o, 16) for o in outs[:8]])  # warm up
-    engine.flush_cache()
-    row: dict[str, Any] = {"dataset": args.dataset, "requests": len(prompts),
-                           **run_engine(engine, prompts, outs)}
-    if must_compute is not None:
-        optimum = 1 - must_compute / row["input_tokens"]
-        row["optimal_hit_rate"] = optimum
-        row["hit_rate_vs_optimum"] = row["cache_hit_rate"] / optimum
-    if args.compare_no_cache:
-        engine.shutdown()
-        engine = Engine(**{**kwargs, "disable_radix_cache": True})
-        off = run_engine(engine, prompts, outs)
-        row["no_cache_output_tok_s"] = off["output_tok_s"]
-        row["no_cache_wall_s"] = off["wall_s"]
-        row["speedup_with_cache"] = off["wall_s"] / row["wall_s"]
-    if args.compare_hf:
+    row: dict[str, Any] = {"dataset": args.dataset, "requests": len(prompts)}
+    if not args.hf_only:
+        row.update(_run_ours(kwargs, prompts, outs, must_compute, args.compare_no_cache))
+    if args.compare_hf or args.hf_only:
         n = args.hf_num_prompts or len(prompts)
-        dev = engine.server_args.device
-        dtype = engine.server_args.torch_dtype
-        engine.shutdown()
-        if dev == "cuda":
+        if sa.device == "cuda":
             torch.cuda.empty_cache()
-        row.update(hf_throughput(sa.model_path, dtype, dev, prompts[:n], outs[:n],
-                                 args.hf_batch_size))
-        row["speedup_vs_hf"] = row["output_tok_s"] / row["hf_output_tok_s"]
+        row.update(hf_throughput(sa.model_path, sa.torch_dtype, sa.device, prompts[:n],
+                                 outs[:n], args.hf_batch_size))
+        if "output_tok_s" in row:
+            row["speedup_vs_hf"] = row["output_tok_s"] / row["hf_output_tok_s"]
     row["device"] = torch.cuda.get_device_name() if sa.device == "cuda" else "cpu"
     row["model"] = sa.model_path
     print(json.dumps(row, indent=1))
