@@ -117,7 +117,19 @@ class ServerArgs:
             raise ValueError("max_running_requests must be >= 1")
         if not 0.0 < (self.mem_fraction_static or 0.85) < 1.0:
             raise ValueError("mem_fraction_static must be in (0, 1)")
+        self._verify_parsers()
         self._verify_parallel()
+
+    def _verify_parsers(self) -> None:
+        # At startup, not on the first request that has tools.
+        from radixserve.parsers import REASONING_PARSERS, TOOL_CALL_PARSERS
+
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {sorted(TOOL_CALL_PARSERS)}, "
+                             f"got {self.tool_call_parser!r}")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {sorted(REASONING_PARSERS)}, "
+                             f"got {self.reasoning_parser!r}")
 
     def _verify_parallel(self) -> None:
         if self.tp_size < 1 or self.dp_size < 1:

@@ -97,7 +97,9 @@ def pid_alive(pid: int) -> bool:
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[LiveServer]:
-    live = start_server("--api-key", API_KEY)
+    # The parsers change nothing for requests without tools or <think> output.
+    live = start_server("--api-key", API_KEY, "--tool-call-parser", "qwen25",
+                        "--reasoning-parser", "qwen3")
     children = child_pids(live.proc.pid)
     yield live
     # Clean shutdown on SIGTERM: exit 0 and no orphaned worker processes.

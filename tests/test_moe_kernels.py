@@ -10,6 +10,9 @@ from radixserve.layers.moe import FusedMoE, RoutingConfig, fused_experts_referen
 from radixserve.layers.moe.fused_moe_triton import fused_experts_triton, moe_align_block_size
 from radixserve.layers.moe.tuned_configs import MoEKernelConfig
 
+# On a CUDA machine the same tests run the compiled kernel.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 def _experts(num_experts: int, hidden: int, inter: int, seed: int = 0
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,14 +33,16 @@ def test_fused_moe_kernel_matches_reference(tokens: int, top_k: int, block_m: in
     weights = torch.rand(tokens, top_k, generator=g)
     cfg = MoEKernelConfig(block_m=block_m, block_n=16, block_k=16, group_m=2, num_warps=1,
                           num_stages=1)
-    got = fused_experts_triton(x, w13, w2, weights, ids, cfg)
-    ref = fused_experts_reference(x, w13, w2, weights, ids)
+    args = [t.to(DEVICE) for t in (x, w13, w2, weights, ids)]
+    got = fused_experts_triton(*args, cfg)
+    ref = fused_experts_reference(*args)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_align_groups_by_expert_and_pads_per_block() -> None:
     ids = torch.tensor([[2, 0], [2, 3], [0, 2]], dtype=torch.int32)
-    sorted_ids, block_expert, num_padded = moe_align_block_size(ids, num_experts=5, block_m=4)
+    sorted_ids, block_expert, num_padded = moe_align_block_size(ids.to(DEVICE), num_experts=5,
+                                                                block_m=4)
     assert int(num_padded) == 12  # experts 0, 2, 3 take one 4-row block each; 1, 4 none
     assert block_expert[:3].tolist() == [0, 2, 3]
     blocks = sorted_ids[:12].view(3, 4).tolist()

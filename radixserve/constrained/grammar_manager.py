@@ -113,7 +113,8 @@ class GrammarManager:
                 grammar.matcher = XGrammarBackend.new_matcher(grammar.future.result(),
                                                               grammar.stop_token_ids)
             except GrammarError as e:
-                failed.append((req, {"type": "abort", "status_code": 400, "message": str(e)}))
+                failed.append((req, {"type": "abort", "status_code": 400, "message": str(e),
+                                     "param": grammar.key[0]}))
             except Exception as e:  # noqa: BLE001 -- our fault, but only this request's
                 failed.append((req, {"type": "abort", "status_code": 500,
                                      "message": f"grammar backend failed: {e!r}"}))

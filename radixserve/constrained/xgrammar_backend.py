@@ -64,9 +64,9 @@ class XGrammarBackend:
                 json.loads(text)
             except json.JSONDecodeError as e:
                 raise GrammarError(f"json_schema is not valid JSON: {e}") from None
+            # json_schema_ebnf names a bad schema itself; the EBNF it writes compiles.
+            return self.compiler.compile_grammar(json_schema_ebnf(text))
         try:
-            if kind == "json_schema":
-                return self.compiler.compile_grammar(json_schema_ebnf(text))
             if kind == "regex":
                 return self.compiler.compile_regex(text)
             return self.compiler.compile_grammar(text)
@@ -86,11 +86,16 @@ def json_schema_ebnf(schema: str) -> str:
     """The EBNF grammar of a JSON schema, as every json_schema request and tool call uses it.
 
     Compact separators and no free whitespace: with any_whitespace a model can loop on
-    whitespace tokens forever and never close the object.
+    whitespace tokens forever and never close the object. Needs no tokenizer, so the HTTP
+    layer also calls it to reject a bad schema before the request is queued; raises
+    GrammarError naming the problem.
     """
     import xgrammar as xgr
 
-    ebnf = str(xgr.Grammar.from_json_schema(schema, any_whitespace=False))
+    try:
+        ebnf = str(xgr.Grammar.from_json_schema(schema, any_whitespace=False))
+    except Exception as e:  # noqa: BLE001 -- xgrammar raises RuntimeError from C++
+        raise GrammarError(f"invalid json_schema: {_clean_message(str(e))}") from None
     # xgrammar (0.2.8 and before) lets strings with minLength/maxLength hold raw control
     # characters, which JSON forbids (mlc-ai/xgrammar#800): narrow that character class.
     # Once xgrammar prints a fixed class, this replaces nothing.

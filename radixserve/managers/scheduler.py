@@ -363,6 +363,9 @@ class Scheduler:
                 or len(req.origin_input_ids) + n_out >= self.context_len)
 
     def _decode_need(self) -> int:
+        """KV slots the next decode step takes (one per request, or a new page each)."""
+        if self.page_size == 1:
+            return len(self.running)
         return sum(self.allocator.pages_needed(r.kv_committed_len, 1) for r in self.running) \
             * self.page_size
 

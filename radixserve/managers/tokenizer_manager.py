@@ -176,7 +176,8 @@ class TokenizerManager:
                 self._check_alive()
                 reason = state.finish_reason or {}
                 if reason.get("status_code") == 400:
-                    raise InvalidRequestError(reason.get("message", "invalid request"))
+                    raise InvalidRequestError(reason.get("message", "invalid request"),
+                                              reason.get("param"))
                 if not (stream or state.finished):
                     continue
                 output = self._snapshot(state)

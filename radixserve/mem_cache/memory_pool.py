@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from radixserve.device_utils import to_device_async
+
 
 class ReqToTokenPool:
     """`req_to_token[r, p]` is the KV slot of position p of the request in row r."""
@@ -54,12 +56,8 @@ class ReqToTokenPool:
         return self.req_to_token_cpu[idx, :n].to(torch.int64)
 
     def _to_device(self, t: torch.Tensor, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-        """Host → device without blocking the host: from pinned memory, asynchronously
-        (the overlapped scheduler must not wait on the batch in flight)."""
-        t = t.to(dtype)
-        if self.req_to_token.device.type != "cuda" or t.device.type == "cuda":
-            return t
-        return t.pin_memory().to(self.req_to_token.device, non_blocking=True)
+        # Queued, not waited for: the scheduler writes rows while a batch is in flight.
+        return to_device_async(t.to(dtype), self.req_to_token.device)
 
     def clear(self) -> None:
         self.free_slots = list(range(self.size))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from radixserve.configs.model_config import ModelConfig
+from radixserve.device_utils import host_to_device, to_device_async
 from radixserve.distributed.parallel_state import get_tp_group, kv_heads_per_rank
 from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.sampler import Sampler, get_token_logprobs
@@ -219,7 +220,7 @@ class ModelRunner:
                 forward_mode=ForwardMode.DECODE, batch_size=len(reqs),
                 input_ids=_tensor(input_ids, dev), positions=_tensor(positions, dev),
                 req_pool_indices=_tensor(rows, dev), seq_lens=_tensor(seq_lens, dev),
-                out_cache_loc=batch.out_cache_loc.to(dev, non_blocking=True),
+                out_cache_loc=to_device_async(batch.out_cache_loc, dev),
                 seq_lens_cpu=seq_lens, req_to_token_pool=self.req_to_token_pool,
                 token_to_kv_pool=self.token_to_kv_pool, attn_backend=self.attn_backend)
             return fb
@@ -243,7 +244,7 @@ class ModelRunner:
             forward_mode=batch.forward_mode, batch_size=len(reqs),
             input_ids=_tensor(input_ids, dev), positions=_tensor(positions, dev),
             req_pool_indices=_tensor(rows, dev), seq_lens=_tensor(seq_lens, dev),
-            out_cache_loc=batch.out_cache_loc.to(dev, non_blocking=True),
+            out_cache_loc=to_device_async(batch.out_cache_loc, dev),
             seq_lens_cpu=seq_lens, req_to_token_pool=self.req_to_token_pool,
             token_to_kv_pool=self.token_to_kv_pool, attn_backend=self.attn_backend,
             extend_prefix_lens=_tensor(prefix_lens, dev), extend_seq_lens=_tensor(ext_lens, dev),
@@ -282,7 +283,7 @@ class ModelRunner:
         counts = self._logits_rows_per_req(batch, fb)
         if len(counts) != logits.shape[0]:
             last_rows = torch.cumsum(torch.tensor(counts), 0) - 1
-            next_logits = logits[last_rows.to(logits.device, non_blocking=True)]
+            next_logits = logits[to_device_async(last_rows, logits.device)]
         else:
             next_logits = logits
         info = SamplingBatchInfo.from_reqs(reqs, self.model_config.vocab_size, self.device)
@@ -376,12 +377,7 @@ def _first_logprob_row(req: Req, prefix_len: int, ext_len: int) -> int:
 
 
 def _tensor(values: list[int], device: torch.device) -> torch.Tensor:
-    t = torch.tensor(values, dtype=torch.int64)
-    if device.type == "cuda":
-        # From pinned memory the copy is truly asynchronous (pageable memory is staged
-        # synchronously), which the overlapped scheduler relies on.
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
+    return host_to_device(values, torch.int64, device)
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from radixserve.device_utils import host_to_device, to_device_async
+
 from radixserve.managers.schedule_batch import Req
 
 
@@ -43,7 +45,7 @@ class PenaltyState:
 
         def column(name: str) -> torch.Tensor:
             values = [float(getattr(p, name)) for p in params]
-            return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+            return host_to_device(values, torch.float32, device).unsqueeze(1)
 
         shape = (len(reqs), vocab_size)
         seen_mask = output_counts = None
@@ -85,7 +87,7 @@ def _token_counts(token_lists: list[list[int]], shape: tuple[int, int],
     tokens = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.int64)
     row_ids = torch.repeat_interleave(torch.arange(rows, dtype=torch.int64), lengths)
     valid = (tokens >= 0) & (tokens < vocab)
-    flat_index = (row_ids * vocab + tokens)[valid].to(device)
+    flat_index = to_device_async((row_ids * vocab + tokens)[valid], device)
     counts = torch.zeros(rows * vocab, dtype=torch.float32, device=device)
     counts.scatter_add_(0, flat_index, torch.ones_like(flat_index, dtype=torch.float32))
     return counts.view(rows, vocab)

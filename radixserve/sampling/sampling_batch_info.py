@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from radixserve.device_utils import host_to_device
+
 from radixserve.constrained.xgrammar_backend import VocabMask, fill_vocab_mask
 from radixserve.managers.schedule_batch import Req
 from radixserve.sampling.penalties import PenaltyState
@@ -63,7 +65,7 @@ class SamplingBatchInfo:
         rows, cols = _min_tokens_blocklist(reqs, vocab_size)
 
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return host_to_device(values, dtype, device)
 
         return cls(
             temperatures=tensor([float(p.temperature) for p in params],
@@ -133,3 +135,4 @@ def _min_tokens_blocklist(reqs: list[Req], vocab_size: int) -> tuple[list[int], 
         rows.extend([i] * len(valid))
         cols.extend(valid)
     return rows, cols
+

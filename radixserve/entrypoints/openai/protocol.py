@@ -2,7 +2,7 @@
 
 Requests are validated with pydantic; a failure becomes a 400 whose `param`
 names the offending field (for example `messages.1.role`). Unknown fields are
-ignored, as clients send options radixserve does not implement (tools, user).
+ignored, as clients send options radixserve does not implement (user, metadata).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from radixserve.constrained.xgrammar_backend import ANY_JSON, GrammarError, json_schema_ebnf
 from radixserve.managers.tokenizer_manager import MAX_TOP_LOGPROBS, InvalidRequestError
 
 
@@ -21,6 +22,41 @@ class RequestModel(BaseModel):
 
 class StreamOptions(RequestModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(RequestModel):
+    name: str
+    description: str | None = None
+    # `schema` would shadow a pydantic BaseModel attribute.
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def grammar(self) -> dict[str, str]:
+        """The SamplingParams grammar field enforcing this format ({} for plain text).
+
+        The schema is checked here, so that a bad one is a 400 before anything is queued,
+        streamed or not."""
+        if self.type == "text":
+            return {}
+        if self.type == "json_object":
+            return {"json_schema": ANY_JSON}
+        if self.json_schema is None:
+            raise InvalidRequestError("response_format of type json_schema needs a "
+                                      "json_schema object", "response_format.json_schema")
+        if self.json_schema.schema_ is None:  # OpenAI: no schema means any JSON
+            return {"json_schema": ANY_JSON}
+        schema = json.dumps(self.json_schema.schema_)
+        try:
+            json_schema_ebnf(schema)
+        except GrammarError as exc:
+            raise InvalidRequestError(f"response_format.json_schema.schema: {exc}",
+                                      "response_format.json_schema.schema") from None
+        return {"json_schema": schema}
 
 
 class _SamplingRequest(RequestModel):
@@ -45,10 +81,12 @@ class _SamplingRequest(RequestModel):
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
     stop_token_ids: list[int] | None = None
+    response_format: ResponseFormat | None = None
 
     def sampling_params(self, max_new_tokens: int | None) -> dict[str, Any]:
         """None for max_new_tokens means: whatever the context has left."""
-        return {
+        grammar = self.response_format.grammar() if self.response_format else {}
+        return {**grammar,
             "max_new_tokens": max_new_tokens,
             "min_new_tokens": self.min_tokens,
             "temperature": self.temperature,
@@ -91,15 +129,75 @@ class TextPart(RequestModel):
     text: str
 
 
+class FunctionCall(RequestModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(RequestModel):
+    """A call an earlier assistant message made, sent back as conversation history."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def template_dict(self) -> dict[str, Any]:
+        # Chat templates (following transformers' tool-use guide) index into the
+        # arguments as a mapping; OpenAI sends them as a JSON string.
+        try:
+            arguments: Any = json.loads(self.function.arguments)
+        except json.JSONDecodeError:
+            arguments = self.function.arguments
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.function.name, "arguments": arguments}}
+
+
 class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call this answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    def template_dict(self) -> dict[str, Any]:
+        """The message as chat templates read it."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name:
+            message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [call.template_dict() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionDefinition(RequestModel):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class Tool(RequestModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(RequestModel):
+    name: str
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+ToolChoice = Literal["auto", "none", "required"] | NamedToolChoice
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -108,6 +206,12 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[Tool] | None = None
+    # None: OpenAI's default, "auto" when tools are given and "none" otherwise.
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
+    # SGLang's switch: false leaves a reasoning model's <think> block in the content.
+    separate_reasoning: bool = True
 
     def check(self) -> None:
         if self.top_logprobs is not None:
@@ -127,6 +231,12 @@ class ChatCompletionRequest(_SamplingRequest):
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens
         return self.max_tokens
+
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
 
 
 def parse_request(model: type[RequestModel], body: Any) -> Any:

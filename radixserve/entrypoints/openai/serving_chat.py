@@ -1,4 +1,9 @@
-"""POST /v1/chat/completions: the model's chat template, then TokenizerManager.generate."""
+"""POST /v1/chat/completions: the model's chat template, then TokenizerManager.generate.
+
+Tools and reasoning wrap that: chat_tools decides what the template sees and which
+grammar forces a call; chat_output splits the generated text into reasoning, content
+and tool calls.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,13 @@ from typing import Any, AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from radixserve.entrypoints.openai.chat_output import (
+    MessageStream,
+    OutputParsers,
+    chat_finish_reason,
+    parse_message,
+)
+from radixserve.entrypoints.openai.chat_tools import ToolPlan, plan_tools
 from radixserve.entrypoints.openai.protocol import (
     SSE_DONE,
     ChatCompletionRequest,
@@ -26,20 +38,24 @@ from radixserve.managers.tokenizer_manager import (
     ServerDeadError,
     TokenizerManager,
 )
+from radixserve.parsers import get_reasoning_parser
 
+# TokenizerManager's and the grammar's field names -> the names this endpoint's clients
+# sent (a chat request's json_schema comes from response_format, its ebnf from tool_choice).
 PARAM_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
                "prompt": "messages", "input_ids": "messages", "text": "messages",
-               "top_logprobs_num": "top_logprobs"}
+               "top_logprobs_num": "top_logprobs", "json_schema": "response_format",
+               "ebnf": "tool_choice"}
 
 
-def apply_chat_template(tm: TokenizerManager, req: ChatCompletionRequest) -> list[int]:
+def apply_chat_template(tm: TokenizerManager, req: ChatCompletionRequest,
+                        tools: list[dict[str, Any]] | None = None) -> list[int]:
     if tm.tokenizer is None or not getattr(tm.tokenizer, "chat_template", None):
         raise InvalidRequestError("this model has no chat template; use /v1/completions or "
                                   "start the server with --chat-template", "messages")
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                for m in req.messages]
+    messages = [m.template_dict() for m in req.messages]
     try:
-        prompt = tm.tokenizer.apply_chat_template(messages, tokenize=False,
+        prompt = tm.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                                   add_generation_prompt=True)
     except Exception as exc:  # a template may raise on message orders it rejects
         raise InvalidRequestError(f"the chat template rejected the messages: {exc}",
@@ -48,11 +64,27 @@ def apply_chat_template(tm: TokenizerManager, req: ChatCompletionRequest) -> lis
     return list(tm.tokenizer.encode(prompt, add_special_tokens=False))
 
 
+def sampling_params(req: ChatCompletionRequest, plan: ToolPlan) -> dict[str, Any]:
+    params = {**req.sampling_params(req.max_new_tokens), **plan.grammar}
+    if plan.parser is not None:
+        # Formats mark calls with special tokens (<|python_tag|>, [TOOL_CALLS]).
+        params["skip_special_tokens"] = False
+    return params
+
+
+def output_parsers(tm: TokenizerManager, req: ChatCompletionRequest,
+                   plan: ToolPlan) -> OutputParsers:
+    name = tm.server_args.reasoning_parser
+    reasoning = get_reasoning_parser(name) if name and req.separate_reasoning else None
+    return OutputParsers(reasoning, plan.parser)
+
+
 async def create_chat_completion(tm: TokenizerManager, req: ChatCompletionRequest,
                                  request: Request) -> Response:
+    plan = plan_tools(req, tm.server_args.tool_call_parser)
     obj = GenerateReqInput(
-        input_ids=apply_chat_template(tm, req),
-        sampling_params=req.sampling_params(req.max_new_tokens), stream=req.stream,
+        input_ids=apply_chat_template(tm, req, plan.template_tools),
+        sampling_params=sampling_params(req, plan), stream=req.stream,
         return_logprob=req.logprobs, top_logprobs_num=req.top_logprobs or 0,
         return_text_in_logprobs=True)
     try:
@@ -61,8 +93,10 @@ async def create_chat_completion(tm: TokenizerManager, req: ChatCompletionReques
         raise _renamed(exc) from None
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": tm.served_model_name}
+    parsers = output_parsers(tm, req, plan)
     if req.stream:
-        return StreamingResponse(_stream(outputs, req, head), media_type="text/event-stream")
+        return StreamingResponse(_stream(outputs, req, head, parsers),
+                                 media_type="text/event-stream")
     results: list[dict[str, Any]] = []
     try:
         async with aclosing(outputs) as gen:
@@ -71,15 +105,19 @@ async def create_chat_completion(tm: TokenizerManager, req: ChatCompletionReques
     except InvalidRequestError as exc:
         raise _renamed(exc) from None
     results.sort(key=lambda o: o["index"])
-    choices = [{
-        "index": out["index"],
-        "message": {"role": "assistant", "content": out["text"]},
-        "logprobs": chat_logprobs(out["meta_info"], 0) if req.logprobs else None,
-        "finish_reason": finish_reason(out["meta_info"]),
-        "matched_stop": matched_stop(out["meta_info"]),
-    } for out in results]
+    choices = [_choice(out, req, parsers) for out in results]
     return JSONResponse({**head, "object": "chat.completion", "choices": choices,
                          "usage": usage(results, req.n)})
+
+
+def _choice(out: dict[str, Any], req: ChatCompletionRequest,
+            parsers: OutputParsers) -> dict[str, Any]:
+    meta = out["meta_info"]
+    message = parse_message(out["text"], parsers)
+    return {"index": out["index"], "message": message,
+            "logprobs": chat_logprobs(meta, 0) if req.logprobs else None,
+            "finish_reason": chat_finish_reason(finish_reason(meta), "tool_calls" in message),
+            "matched_stop": matched_stop(meta)}
 
 
 def _renamed(exc: InvalidRequestError) -> InvalidRequestError:
@@ -104,15 +142,19 @@ def _token(text: str | None, logprob: float) -> dict[str, Any]:
 
 
 async def _stream(outputs: AsyncIterator[dict[str, Any]], req: ChatCompletionRequest,
-                  head: dict[str, Any]) -> AsyncIterator[str]:
+                  head: dict[str, Any], parsers: OutputParsers) -> AsyncIterator[str]:
     head = {**head, "object": "chat.completion.chunk"}
     sent_logprobs: dict[int, int] = {}
+    messages: dict[int, MessageStream] = {}
     finals: list[dict[str, Any]] = []
     try:
         async with aclosing(outputs) as gen:
             async for out in gen:
                 index, meta = out["index"], out["meta_info"]
-                delta: dict[str, Any] = {"content": out["delta"]}
+                if index not in messages:
+                    messages[index] = MessageStream(parsers)
+                message = messages[index]
+                delta = message.feed(out["delta"], final=out["finished"])
                 if index not in sent_logprobs:
                     delta["role"] = "assistant"
                 logprobs = None
@@ -122,7 +164,7 @@ async def _stream(outputs: AsyncIterator[dict[str, Any]], req: ChatCompletionReq
                 reason = None
                 if out["finished"]:
                     finals.append(out)
-                    reason = finish_reason(meta)
+                    reason = chat_finish_reason(finish_reason(meta), message.made_calls)
                 choice = {"index": index, "delta": delta, "logprobs": logprobs,
                           "finish_reason": reason,
                           "matched_stop": matched_stop(meta) if reason else None}

@@ -29,7 +29,7 @@ from radixserve.managers.tokenizer_manager import (
 # TokenizerManager's field names -> the names this endpoint's clients sent.
 PARAM_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "text": "prompt",
                "input_ids": "prompt", "top_logprobs_num": "logprobs",
-               "logprob_start_len": "logprobs"}
+               "logprob_start_len": "logprobs", "json_schema": "response_format"}
 
 
 def rename_param(exc: InvalidRequestError, names: dict[str, str]) -> InvalidRequestError:

@@ -12,6 +12,7 @@ tokens per expert wants the large square tiles of a dense GEMM.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -58,9 +59,14 @@ def get_moe_config(num_experts: int, inter: int, hidden: int, top_k: int, tokens
                    dtype: torch.dtype, device: torch.device) -> MoEKernelConfig:
     """The tuned config for this shape on this GPU if there is one, else a heuristic."""
     if device.type == "cuda":
-        key = (torch.cuda.get_device_name(device), str(dtype).removeprefix("torch."),
+        key = (_device_name(device.index), str(dtype).removeprefix("torch."),
                num_experts, inter, hidden, top_k)
         table = TUNED.get(key)
         if table is not None:
             return table[min(b for b in table if b >= tokens)]
     return _default(tokens, top_k, num_experts, device)
+
+
+@functools.cache
+def _device_name(index: int | None) -> str:
+    return torch.cuda.get_device_name(index)
