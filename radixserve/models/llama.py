@@ -18,11 +18,12 @@ from radixserve.configs.model_config import head_dim_of
 from radixserve.layers.activation import SiluAndMul
 from radixserve.layers.layernorm import RMSNorm
 from radixserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
-                                      RowParallelLinear, default_weight_loader)
+                                      RowParallelLinear)
 from radixserve.layers.radix_attention import RadixAttention
 from radixserve.layers.rotary_embedding import RotaryEmbedding, get_rope, rope_params
 from radixserve.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
 from radixserve.model_executor.forward_batch import ForwardBatch
+from radixserve.model_loader.weight_utils import load_by_checkpoint_names
 
 # Our packed parameter <- the checkpoint's separate projections, with the shard id.
 _PACKED = {
@@ -155,29 +156,10 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named tensors; raise naming every missing, unexpected or mis-shaped one."""
-        params = dict(self.named_parameters())
-        targets = {hf: (name, shard) for name in params for hf, shard in _checkpoint_names(name)}
-        seen: set[str] = set()
-        unexpected: list[str] = []
-        for hf_name, tensor in weights:
-            if hf_name.endswith(_IGNORED_SUFFIXES) or (
-                    self.tie_word_embeddings and hf_name == "lm_head.weight"):
-                continue
-            if hf_name not in targets:
-                unexpected.append(hf_name)
-                continue
-            name, shard = targets[hf_name]
-            param = params[name]
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            try:
-                loader(param, tensor, shard)
-            except ValueError as e:
-                raise ValueError(f"checkpoint tensor {hf_name!r}: {e}") from e
-            seen.add(hf_name)
-        missing = sorted(set(targets) - seen)
-        if missing or unexpected:
-            raise ValueError(f"{type(self).__name__}: missing tensors {missing}, "
-                             f"unexpected tensors {sorted(unexpected)}")
+        load_by_checkpoint_names(
+            self, weights, _checkpoint_names,
+            skip=lambda name: name.endswith(_IGNORED_SUFFIXES) or (
+                self.tie_word_embeddings and name == "lm_head.weight"))
 
 
 def _checkpoint_names(param_name: str) -> list[tuple[str, str | int | None]]:

@@ -28,9 +28,7 @@ class TorchNativeAttnBackend(AttentionBackend):
         fb = forward_batch
         pool = fb.token_to_kv_pool
         if save_kv_cache:
-            pool.set_kv_buffer(layer.layer_id, fb.out_cache_loc,
-                               k.view(-1, layer.num_kv_heads, layer.head_dim),
-                               v.view(-1, layer.num_kv_heads, layer.v_head_dim))
+            _store_kv(k, v, layer, fb)
         q = q.view(-1, layer.num_heads, layer.head_dim)
         out = q.new_empty(q.shape[0], layer.num_heads, layer.v_head_dim)
         k_buf = pool.get_key_buffer(layer.layer_id)
@@ -53,9 +51,7 @@ class TorchNativeAttnBackend(AttentionBackend):
         fb = forward_batch
         pool = fb.token_to_kv_pool
         if save_kv_cache:
-            pool.set_kv_buffer(layer.layer_id, fb.out_cache_loc,
-                               k.view(-1, layer.num_kv_heads, layer.head_dim),
-                               v.view(-1, layer.num_kv_heads, layer.v_head_dim))
+            _store_kv(k, v, layer, fb)
         q = q.view(-1, layer.num_heads, layer.head_dim)
         out = q.new_empty(q.shape[0], layer.num_heads, layer.v_head_dim)
         k_buf = pool.get_key_buffer(layer.layer_id)
@@ -79,3 +75,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAtten
         v.transpose(0, 1).unsqueeze(0).to(q.dtype), attn_mask=mask, scale=layer.scaling,
         enable_gqa=layer.num_heads != layer.num_kv_heads)
     return o.squeeze(0).transpose(0, 1)
+
+
+def _store_kv(k: torch.Tensor, v: torch.Tensor, layer: RadixAttention, fb: ForwardBatch) -> None:
+    fb.token_to_kv_pool.set_kv_buffer(layer.layer_id, fb.out_cache_loc,
+                                      k.view(-1, layer.num_kv_heads, layer.head_dim),
+                                      v.view(-1, layer.num_kv_heads, layer.v_head_dim))
