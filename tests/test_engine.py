@@ -149,3 +149,43 @@ def test_bad_prompts(tiny):
         engine.generate("hi", {"temprature": 1.0})
     info = engine.get_server_info()
     assert info.available_tokens + info.evictable_tokens == info.max_total_num_tokens
+
+
+@pytest.mark.parametrize("start", [0, 5])
+def test_prompt_logprobs_match_hf(tiny, start):
+    """input_token_logprobs[i] is log P(prompt[start + i] | earlier tokens), like HF's."""
+    arch, engine, hf = tiny
+    ids = smollm2_tokenizer().encode(PROMPTS[3])
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+    out = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 1},
+                          return_logprob=True, logprob_start_len=start, top_logprobs_num=3)
+    got = out["meta_info"]["input_token_logprobs"]
+    assert [t for _, t in got] == ids[start:]
+    if start == 0:
+        assert got[0][0] is None  # the first token has no context
+    for pos, (lp, tok) in enumerate(got):
+        p = start + pos
+        if p == 0:
+            continue
+        assert lp == pytest.approx(float(ref[p - 1, tok]), rel=1e-4, abs=1e-4), (arch, p)
+    top = out["meta_info"]["input_top_logprobs"][-1]
+    assert [t for _, t in top] == ref[len(ids) - 2].topk(3).indices.tolist()
+
+
+def test_prompt_logprobs_with_chunks_and_cached_prefix(tmp_path):
+    """Chunked prefill and a cached prefix must not change (or skip) prompt logprobs."""
+    path = make_tiny_checkpoint("llama", tmp_path / "m")
+    ids = smollm2_tokenizer().encode(PROMPTS[3])
+    plain = Engine(model_path=str(path), max_total_tokens=4096, chunked_prefill_size=-1)
+    ref = plain.generate(input_ids=ids, sampling_params={"max_new_tokens": 1},
+                         return_logprob=True, logprob_start_len=0)["meta_info"]
+    eng = Engine(model_path=str(path), max_total_tokens=4096, chunked_prefill_size=7)
+    eng.generate(input_ids=ids, sampling_params={"max_new_tokens": 1})  # caches the prompt
+    got = eng.generate(input_ids=ids, sampling_params={"max_new_tokens": 1},
+                       return_logprob=True, logprob_start_len=0)["meta_info"]
+    assert [t for _, t in got["input_token_logprobs"]] == ids
+    for (a, _), (b, _) in zip(got["input_token_logprobs"][1:], ref["input_token_logprobs"][1:]):
+        assert a == pytest.approx(b, abs=1e-4)
+    # Logprobs need the logits of every prompt position, so the cache was not used.
+    assert got["cached_tokens"] == 0
