@@ -152,3 +152,25 @@ def test_in_batch_prefix_sharing_reaches_the_optimum(model_path):
     cached = sum(r["meta_info"]["cached_tokens"] for r in results)
     assert cached == sum(len(p) for p in prompts) - must_compute
     assert_no_leak(eng)
+
+
+def test_duplicate_rid_is_rejected_without_touching_the_original(model_path):
+    eng = Engine(model_path=model_path, max_total_tokens=4096)
+    sched = eng.scheduler
+    sp = SamplingParams(max_new_tokens=50, temperature=0, ignore_eos=True)
+    sp.verify()
+    sp.normalize()
+    sched.add_request(TokenizedGenerateReqInput("dup", None, [5, 6, 7], sp))
+    sched.step()  # the original is prefilled and running
+    sched.add_request(TokenizedGenerateReqInput("dup", None, [8, 9], sp))
+    out = sched.step()
+    assert out is not None and out.finished_reasons[0]["status_code"] == 400
+    # The rid still names the original: aborting it must reach it.
+    sched.abort_request("dup")
+    reasons = []
+    while sched.has_work():
+        out = sched.step()
+        if out is not None:
+            reasons += [r for r in out.finished_reasons if r is not None]
+    assert reasons == [{"type": "abort", "message": "aborted by the client"}]
+    assert_no_leak(eng)

@@ -17,6 +17,7 @@ import torch
 from radixserve.configs.model_config import ModelConfig
 from radixserve.constrained import GrammarManager
 from radixserve.managers.io_struct import BatchTokenIDOut, ServerInfo, TokenizedGenerateReqInput
+from radixserve.managers.output_builder import build_token_id_out
 from radixserve.managers.schedule_batch import Req, ScheduleBatch
 from radixserve.managers.schedule_policy import CLIP_MAX_NEW_TOKENS, PrefillBudget, SchedulePolicy
 from radixserve.mem_cache.chunk_cache import ChunkCache
@@ -73,7 +74,9 @@ class Scheduler:
         self.running: list[Req] = []
         self.chunked_req: Req | None = None
         self._rids: dict[str, Req] = {}
-        self._to_emit: dict[str, Req] = {}
+        # Requests with news for the detokenizer, by identity: a rejected request may
+        # share its rid with a live one.
+        self._to_emit: dict[int, Req] = {}
         # Overlap: the batch launched last step, processed after the next one launches.
         self.overlap = not server_args.disable_overlap_schedule and (
             self.model_runner.device.type == "cuda" or server_args.enable_cpu_overlap)
@@ -514,50 +517,17 @@ class Scheduler:
     # --- results out ----------------------------------------------------------------
 
     def _emit(self, req: Req) -> None:
-        self._to_emit[req.rid] = req
+        self._to_emit[id(req)] = req
 
     def _collect_outputs(self) -> BatchTokenIDOut | None:
         if not self._to_emit:
             return None
-        out = BatchTokenIDOut([], [], [], [], [], [], [], [], [], [], [], [], [])
-        for rid, req in self._to_emit.items():
-            finished = req.finished()
-            if not (finished or req.stream):
-                continue
-            out.rids.append(rid)
-            out.new_output_ids.append(req.output_ids[req.sent_offset:req.num_resolved])
-            req.sent_offset = req.num_resolved
-            out.finished_reasons.append(req.finished_reason)
-            out.prompt_tokens.append(len(req.origin_input_ids))
-            out.completion_tokens.append(req.num_resolved)
-            out.cached_tokens.append(req.cached_tokens)
-            sp = req.sampling_params
-            out.skip_special_tokens.append(sp.skip_special_tokens)
-            out.spaces_between_special_tokens.append(sp.spaces_between_special_tokens)
-            out.no_stop_trim.append(sp.no_stop_trim)
-            self._append_logprobs(req, out)
-            if finished:
-                self._rids.pop(rid, None)
+        out = build_token_id_out(self._to_emit.values())
+        for req in self._to_emit.values():
+            if req.finished() and self._rids.get(req.rid) is req:
+                del self._rids[req.rid]
         self._to_emit = {}
-        return out if out.rids else None
-
-    @staticmethod
-    def _append_logprobs(req: Req, out: BatchTokenIDOut) -> None:
-        if not req.return_logprob:
-            for lst in (out.output_token_logprobs, out.output_top_logprobs,
-                        out.input_token_logprobs, out.input_top_logprobs):
-                lst.append(None)
-            return
-        start = req.sent_logprob_offset
-        out.output_token_logprobs.append(req.output_token_logprobs[start:])
-        out.output_top_logprobs.append(req.output_top_logprobs[start:])
-        req.sent_logprob_offset = len(req.output_token_logprobs)
-        send_input = (not req.sent_input_logprobs and req.input_token_logprobs is not None
-                      and (req.input_logprobs_done or req.finished()))
-        out.input_token_logprobs.append(req.input_token_logprobs if send_input else None)
-        out.input_top_logprobs.append(req.input_top_logprobs if send_input else None)
-        if send_input:
-            req.sent_input_logprobs = True
+        return out
 
     # --- admin ----------------------------------------------------------------------
 
