@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 from collections import OrderedDict
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -228,22 +227,11 @@ def run_dp_controller_process(server_args: ServerArgs, port_args: PortArgs, ctrl
                               ready_pipe: Connection) -> None:
     """The API server's scheduler process when dp_size > 1: SchedulerLoop over the
     controller (the replicas are its siblings, started and watched by the server)."""
-    from radixserve.managers.scheduler_process import SchedulerLoop, setup_worker_process, model_info
+    from radixserve.managers.scheduler_process import serve_scheduler_loop, setup_worker_process
 
     setup_worker_process(server_args, "dp-controller")
-    try:
-        controller = DataParallelController(server_args, ctrl)
-        loop = SchedulerLoop(controller, port_args)
-        ready_pipe.send({"status": "ready", **model_info(controller)})
-    except Exception as exc:
-        logger.exception("data parallel controller failed to start")
-        ready_pipe.send({"status": "error", "message": repr(exc)})
-        sys.exit(1)
-    try:
-        loop.run_forever()
-    except Exception:
-        logger.exception("data parallel controller crashed")
-        sys.exit(1)
+    serve_scheduler_loop(lambda: DataParallelController(server_args, ctrl), port_args,
+                         ready_pipe, "data parallel controller")
 
 
 def launch_engine_replicas(server_args: ServerArgs) -> DataParallelController:

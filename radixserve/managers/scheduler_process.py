@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 from multiprocessing.connection import Connection
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -100,31 +101,41 @@ def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs,
     server notices (its /health turns 503) and shuts down.
     """
     setup_worker_process(server_args, "scheduler" if server_args.tp_size == 1 else f"dp{dp_rank} tp0")
-    try:
+
+    def make_scheduler() -> Any:
         from radixserve.managers.scheduler import Scheduler
 
-        scheduler: Any
         if server_args.tp_size > 1:
             from radixserve.distributed.parallel_state import init_tp_group
             from radixserve.managers.tp_sync import TpScheduler
 
             group = init_tp_group(server_args, 0, str(dist_addr), dp_rank)
-            scheduler = TpScheduler(Scheduler(server_args), group)
-        else:
-            from radixserve.distributed.parallel_state import bind_device
+            return TpScheduler(Scheduler(server_args), group)
+        from radixserve.distributed.parallel_state import bind_device
 
-            bind_device(server_args, 0, dp_rank)  # DP replica d takes GPU d
-            scheduler = Scheduler(server_args)
+        bind_device(server_args, 0, dp_rank)  # DP replica d takes GPU d
+        return Scheduler(server_args)
+
+    serve_scheduler_loop(make_scheduler, port_args, ready_pipe, "scheduler")
+
+
+def serve_scheduler_loop(make_scheduler: Callable[[], Any], port_args: PortArgs,
+                         ready_pipe: Connection, what: str) -> None:
+    """Build the scheduler (or anything with its interface), report readiness and model
+    info through the pipe, then loop forever; a failure at either stage is logged and
+    ends the process non-zero, which the API server watches for."""
+    try:
+        scheduler = make_scheduler()
         loop = SchedulerLoop(scheduler, port_args)
         ready_pipe.send({"status": "ready", **model_info(scheduler)})
     except Exception as exc:
-        logger.exception("scheduler failed to start")
+        logger.exception("%s failed to start", what)
         ready_pipe.send({"status": "error", "message": repr(exc)})
         sys.exit(1)
     try:
         loop.run_forever()
     except Exception:
-        logger.exception("scheduler crashed")
+        logger.exception("%s crashed", what)
         sys.exit(1)
 
 

@@ -33,7 +33,7 @@ from radixserve.layers.radix_attention import RadixAttention
 from radixserve.layers.replicated_linear import ReplicatedLinear
 from radixserve.layers.rotary_embedding import (RotaryEmbedding, get_rope, rope_params,
                                                 yarn_mscale)
-from radixserve.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+from radixserve.layers.vocab_embedding import VocabParallelEmbedding
 from radixserve.model_executor.forward_batch import ForwardBatch
 from radixserve.model_loader.weight_utils import ShardId, load_by_checkpoint_names
 from radixserve.models.llama import (LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP,
@@ -209,15 +209,8 @@ class DeepseekV2Model(LlamaModel):
 class DeepseekV2ForCausalLM(LlamaForCausalLM):
     v3 = False
 
-    def __init__(self, config: PretrainedConfig) -> None:
-        nn.Module.__init__(self)
-        self.config = config
-        self.model = DeepseekV2Model(config, self.v3)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if self.tie_word_embeddings:
-            self.lm_head = self.model.embed_tokens
-        else:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+    def build_model(self, config: PretrainedConfig) -> nn.Module:
+        return DeepseekV2Model(config, self.v3)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         num_experts = getattr(self.config, "n_routed_experts", None) or 0

@@ -135,12 +135,16 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, self.qkv_bias(config), self.qk_norm)
+        self.model = self.build_model(config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens
         else:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+
+    def build_model(self, config: PretrainedConfig) -> nn.Module:
+        """The decoder stack; architectures that share Llama's head override only this."""
+        return LlamaModel(config, self.qkv_bias(config), self.qk_norm)
 
     @staticmethod
     def qkv_bias(config: PretrainedConfig) -> bool:

@@ -20,7 +20,7 @@ from radixserve.layers.layernorm import RMSNorm
 from radixserve.layers.moe import FusedMoE, RoutingConfig, select_experts
 from radixserve.layers.replicated_linear import ReplicatedLinear
 from radixserve.layers.rotary_embedding import RotaryEmbedding, get_rope, rope_params
-from radixserve.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+from radixserve.layers.vocab_embedding import VocabParallelEmbedding
 from radixserve.model_loader.weight_utils import ShardId, load_by_checkpoint_names
 from radixserve.models.llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM,
                                      LlamaMLP, LlamaModel, _checkpoint_names)
@@ -87,16 +87,8 @@ class Qwen2MoeForCausalLM(LlamaForCausalLM):
     qk_norm = False
     shared_expert = True
 
-    def __init__(self, config: PretrainedConfig) -> None:
-        nn.Module.__init__(self)
-        self.config = config
-        self.model = Qwen2MoeModel(config, self.qkv_bias(config), self.qk_norm,
-                                   self.shared_expert)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if self.tie_word_embeddings:
-            self.lm_head = self.model.embed_tokens
-        else:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+    def build_model(self, config: PretrainedConfig) -> nn.Module:
+        return Qwen2MoeModel(config, self.qkv_bias(config), self.qk_norm, self.shared_expert)
 
     @staticmethod
     def qkv_bias(config: PretrainedConfig) -> bool:

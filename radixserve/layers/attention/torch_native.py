@@ -26,13 +26,7 @@ class TorchNativeAttnBackend(AttentionBackend):
                        layer: RadixAttention, forward_batch: ForwardBatch,
                        save_kv_cache: bool = True) -> torch.Tensor:
         fb = forward_batch
-        pool = fb.token_to_kv_pool
-        if save_kv_cache:
-            _store_kv(k, v, layer, fb)
-        q = q.view(-1, layer.num_heads, layer.head_dim)
-        out = q.new_empty(q.shape[0], layer.num_heads, layer.v_head_dim)
-        k_buf = pool.get_key_buffer(layer.layer_id)
-        v_buf = pool.get_value_buffer(layer.layer_id)
+        q, out, k_buf, v_buf = _prepare(q, k, v, layer, fb, save_kv_cache)
         rows = fb.attn_metadata
         start = 0
         for i, row in enumerate(rows):
@@ -49,13 +43,7 @@ class TorchNativeAttnBackend(AttentionBackend):
                        layer: RadixAttention, forward_batch: ForwardBatch,
                        save_kv_cache: bool = True) -> torch.Tensor:
         fb = forward_batch
-        pool = fb.token_to_kv_pool
-        if save_kv_cache:
-            _store_kv(k, v, layer, fb)
-        q = q.view(-1, layer.num_heads, layer.head_dim)
-        out = q.new_empty(q.shape[0], layer.num_heads, layer.v_head_dim)
-        k_buf = pool.get_key_buffer(layer.layer_id)
-        v_buf = pool.get_value_buffer(layer.layer_id)
+        q, out, k_buf, v_buf = _prepare(q, k, v, layer, fb, save_kv_cache)
         for i, row in enumerate(fb.attn_metadata):
             seq_len = fb.seq_lens_cpu[i]
             slots = fb.req_to_token_pool.req_to_token[row, :seq_len].to(torch.int64)
@@ -77,7 +65,16 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAtten
     return o.squeeze(0).transpose(0, 1)
 
 
-def _store_kv(k: torch.Tensor, v: torch.Tensor, layer: RadixAttention, fb: ForwardBatch) -> None:
-    fb.token_to_kv_pool.set_kv_buffer(layer.layer_id, fb.out_cache_loc,
-                                      k.view(-1, layer.num_kv_heads, layer.head_dim),
-                                      v.view(-1, layer.num_kv_heads, layer.v_head_dim))
+def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention,
+             fb: ForwardBatch, save_kv_cache: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Store the new K/V (when asked) and return q as [T, H, D], an output buffer, and
+    this layer's K and V pools."""
+    pool = fb.token_to_kv_pool
+    if save_kv_cache:
+        pool.set_kv_buffer(layer.layer_id, fb.out_cache_loc,
+                           k.view(-1, layer.num_kv_heads, layer.head_dim),
+                           v.view(-1, layer.num_kv_heads, layer.v_head_dim))
+    q = q.view(-1, layer.num_heads, layer.head_dim)
+    out = q.new_empty(q.shape[0], layer.num_heads, layer.v_head_dim)
+    return q, out, pool.get_key_buffer(layer.layer_id), pool.get_value_buffer(layer.layer_id)
