@@ -338,15 +338,26 @@ def test_grammar_backend_none_rejects_grammars(checkpoint):
 
 
 def test_grammar_under_overlap_schedule(checkpoint):
-    """The overlapped loop must drain before a grammar row samples: each mask needs the
-    row's previous token accepted."""
-    eng = Engine(model_path=checkpoint, max_total_tokens=2048, enable_cpu_overlap=True)
-    try:
-        schemas = schema_zoo(4)
-        outs = eng.generate(["JSON:"] * 5, [{"json_schema": json.dumps(s), "max_new_tokens": 128}
-                                            for s in schemas] + [{"max_new_tokens": 24}])
-        for schema, out in zip(schemas, outs):
-            jsonschema.validate(json.loads(out["text"]), schema)
-        assert_no_kv_leak(eng)
-    finally:
-        eng.shutdown()
+    """The overlapped loop launches a grammar batch's forward before the previous
+    batch's tokens are accepted, and samples it only after: outputs (greedy and seeded)
+    equal the plain loop's token for token, and requests that end on a grammar's EOS
+    one step before the loop sees it leak nothing."""
+    schemas = schema_zoo(6)
+    params = [{"json_schema": json.dumps(s), "max_new_tokens": 128,
+               **({"temperature": 0} if i % 2 else {"temperature": 0.8, "seed": i})}
+              for i, s in enumerate(schemas)]
+    params += [{"max_new_tokens": 24, "temperature": 0},
+               {"regex": r"(yes|no)-[0-9]{1,3}", "max_new_tokens": 32, "temperature": 0}]
+    outputs = {}
+    for overlap in (False, True):
+        eng = Engine(model_path=checkpoint, max_total_tokens=2048, enable_cpu_overlap=overlap)
+        try:
+            outs = eng.generate(["JSON:"] * len(params), params)
+            for schema, out in zip(schemas, outs):
+                jsonschema.validate(json.loads(out["text"]), schema)
+            assert re.fullmatch(r"(yes|no)-[0-9]{1,3}", outs[-1]["text"])
+            assert_no_kv_leak(eng)
+            outputs[overlap] = [(o["output_ids"], o["meta_info"]["finish_reason"]) for o in outs]
+        finally:
+            eng.shutdown()
+    assert outputs[True] == outputs[False]

@@ -121,11 +121,17 @@ class VocabMask:
 
 
 def fill_vocab_mask(matchers: list[Any | None], vocab_size: int,
-                    device: torch.device | str) -> VocabMask:
-    """Fill each row's bitmask from its matcher (None: no grammar) and send it to `device`."""
+                    device: torch.device | str) -> VocabMask | None:
+    """Fill each row's bitmask from its matcher (None: no grammar) and send it to `device`;
+    None when no row needs a mask."""
     import xgrammar as xgr
 
-    rows = [i for i, m in enumerate(matchers) if m is not None]
+    # A terminated matcher belongs to a request that ended on the previous step's
+    # token (seen one step late by the overlapped loop): its row's token is dropped,
+    # and a terminated matcher has no next-token mask, so leave the row unmasked.
+    rows = [i for i, m in enumerate(matchers) if m is not None and not m.is_terminated()]
+    if not rows:
+        return None
     bitmask = xgr.allocate_token_bitmask(len(matchers), vocab_size)
     # One call fills every row, on xgrammar's own threads, without the GIL.
     _batch_matcher().batch_fill_next_token_bitmask([matchers[i] for i in rows], bitmask, rows)

@@ -28,6 +28,10 @@ class Sampler(torch.nn.Module):
         if info.has_logits_processors:
             logits = logits.to(torch.float32, copy=True)
             info.apply_logits_processors(logits)
+        elif info.is_all_greedy:
+            # Any float dtype converts to float32 exactly, so its argmax is the same:
+            # skip the [B, V] float32 copy.
+            return logits.argmax(dim=-1)
         else:
             logits = logits.float()
         greedy = logits.argmax(dim=-1)

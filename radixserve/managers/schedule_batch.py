@@ -89,10 +89,12 @@ class Req:
     @property
     def needs_host_tokens(self) -> bool:
         """Sampling reads this request's exact token history on the host (penalty
-        counts, grammar state), so it cannot run one step ahead of its results."""
+        counts), so it cannot run one step ahead of its results. (A grammar also needs
+        the history, but only at sampling time: the scheduler launches the forward
+        first and fills the mask once the previous token is accepted.)"""
         sp = self.sampling_params
-        return (self.grammar is not None or sp.frequency_penalty != 0.0
-                or sp.presence_penalty != 0.0 or sp.repetition_penalty != 1.0)
+        return (sp.frequency_penalty != 0.0 or sp.presence_penalty != 0.0
+                or sp.repetition_penalty != 1.0)
 
     def finished(self) -> bool:
         return self.finished_reason is not None

@@ -166,10 +166,18 @@ class Scheduler:
         self._process_aborts()
         batch = self.get_next_batch_to_run()
         launched = None
+        sample_later = False
         if batch is not None:
             # Placeholders exist only while an earlier batch is still in flight.
             self.model_runner.future.pending = self._in_flight is not None
-            pending = self.model_runner.launch_batch(batch)
+            pending = self.model_runner.launch_forward(batch)
+            # A grammar row's mask needs the in-flight batch's token accepted first:
+            # its sampling waits until that batch is processed below, while this
+            # forward already runs on the device.
+            sample_later = self._in_flight is not None and any(
+                r.grammar is not None for r in batch.reqs)
+            if not sample_later:
+                self.model_runner.launch_sampling(pending)
             self.forward_ct += 1
             self._on_launch(batch, pending.future_base)
             launched = (batch, pending)
@@ -177,6 +185,8 @@ class Scheduler:
             previous, self._in_flight = self._in_flight, launched
             if previous is not None:
                 self._process(previous)
+            if sample_later:
+                self.model_runner.launch_sampling(launched[1])
         elif launched is not None:
             self._process(launched)
         out = self._collect_outputs()

@@ -43,12 +43,15 @@ class CudaGraphRunner:
         self.batch_sizes = capture_batch_sizes(max_bs)
         self.max_bs = self.batch_sizes[-1]
         dev = model_runner.device
-        self.input_ids = torch.zeros(self.max_bs, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(self.max_bs, dtype=torch.int64, device=dev)
-        self.req_pool_indices = torch.zeros(self.max_bs, dtype=torch.int64, device=dev)
-        self.seq_lens = torch.full((self.max_bs,), 1, dtype=torch.int64, device=dev)
-        self.out_cache_loc = torch.zeros(self.max_bs, dtype=torch.int64, device=dev)
         self.fill_seq_len = model_runner.attn_backend.get_cuda_graph_seq_len_fill_value()
+        # The graph's inputs, as the rows of one buffer (the order of
+        # ForwardBatch.packed_decode_inputs), so that a replay fills them in one copy.
+        # Padded columns: token 0 at position 0 of request row 0, written to slot 0.
+        self.pad_column = torch.tensor([0, 0, 0, self.fill_seq_len, 0], dtype=torch.int64,
+                                       device=dev).view(5, 1)
+        self.inputs = self.pad_column.repeat(1, self.max_bs)
+        (self.input_ids, self.positions, self.req_pool_indices, self.seq_lens,
+         self.out_cache_loc) = self.inputs.unbind(0)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
@@ -86,16 +89,22 @@ class CudaGraphRunner:
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up: triton autotune / lazy init outside the graph
                 backend.init_forward_metadata_capture_cuda_graph(fb)
-                self.mr.model(fb.input_ids, fb.positions, fb)
+                self._run_model(fb)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         backend.init_forward_metadata_capture_cuda_graph(fb)
         with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-            out = self.mr.model(fb.input_ids, fb.positions, fb)
+            out = self._run_model(fb)
         if self.pool is None:
             self.pool = graph.pool()
         self.graphs[bs] = graph
         self.outputs[bs] = out
+
+    def _run_model(self, fb: ForwardBatch) -> torch.Tensor:
+        # Swapping in the tokens of the batch still in flight is part of the graph:
+        # it costs the host nothing, and the padded / known ids are left as they are.
+        input_ids = self.mr.future.resolve(fb.input_ids)
+        return self.mr.model(input_ids, fb.positions, fb)
 
     def can_run(self, fb: ForwardBatch) -> bool:
         return fb.forward_mode.is_decode() and fb.batch_size <= self.max_bs
@@ -104,16 +113,13 @@ class CudaGraphRunner:
         bs = fb.batch_size
         padded = self.batch_sizes[bisect.bisect_left(self.batch_sizes, bs)]
         if padded != bs:
-            self.input_ids[bs:padded].zero_()
-            self.positions[bs:padded].zero_()
-            self.req_pool_indices[bs:padded].zero_()
-            self.seq_lens[bs:padded].fill_(self.fill_seq_len)
-            self.out_cache_loc[bs:padded].zero_()
-        self.input_ids[:bs].copy_(fb.input_ids)
-        self.positions[:bs].copy_(fb.positions)
-        self.req_pool_indices[:bs].copy_(fb.req_pool_indices)
-        self.seq_lens[:bs].copy_(fb.seq_lens)
-        self.out_cache_loc[:bs].copy_(fb.out_cache_loc)
+            self.inputs[:, bs:padded].copy_(self.pad_column.expand(5, padded - bs))
+        if fb.packed_decode_inputs is not None:
+            self.inputs[:, :bs].copy_(fb.packed_decode_inputs)
+        else:
+            for dst, src in zip(self.inputs.unbind(0), (fb.input_ids, fb.positions,
+                                fb.req_pool_indices, fb.seq_lens, fb.out_cache_loc)):
+                dst[:bs].copy_(src)
         self.mr.attn_backend.init_forward_metadata_replay_cuda_graph(self._batch(padded))
         self.graphs[padded].replay()
         return self.outputs[padded][:bs]

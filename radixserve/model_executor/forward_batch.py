@@ -54,6 +54,10 @@ class ForwardBatch:
     # Which rows of the hidden states produce logits: the last token of each request,
     # plus every prompt position for requests that asked for prompt logprobs.
     logits_indices: torch.Tensor | None = None
+    # Decode only: the device tensor [5, batch] that input_ids, positions,
+    # req_pool_indices, seq_lens and out_cache_loc are rows of (in that order), uploaded
+    # in one copy; the CUDA graph runner copies it into its buffers in one copy too.
+    packed_decode_inputs: torch.Tensor | None = None
     # Attention backends keep their per-batch metadata here.
     attn_metadata: Any = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -23,7 +23,7 @@ from radixserve.mem_cache.memory_pool import (MHATokenToKVPool, MLATokenToKVPool
                                               ReqToTokenPool)
 from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 from radixserve.model_loader.loader import load_model
-from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
+from radixserve.sampling.sampling_batch_info import GreedyInfoCache, SamplingBatchInfo
 from radixserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -37,13 +37,15 @@ _CPU_MAX_TOTAL_TOKENS = 65536
 class PendingBatch:
     """A launched batch whose outputs may still be on their way from the device."""
 
-    next_ids: torch.Tensor  # on the device
-    host_ids: torch.Tensor  # pinned host copy, valid once `ready` has fired
     future_base: int  # placeholder of request i is -(future_base + i + 1)
     next_logits: torch.Tensor | None
     logits: torch.Tensor | None
     prompt_plan: list[tuple[int, list[int]] | None] | None
     top_nums: list[int]
+    # (next-token logits, sampling info) until `launch_sampling` has run, then None.
+    to_sample: tuple[torch.Tensor, SamplingBatchInfo] | None = None
+    next_ids: torch.Tensor | None = None  # on the device
+    host_ids: torch.Tensor | None = None  # pinned host copy, valid once `ready` has fired
     ready: torch.cuda.Event | None = None
 
 
@@ -60,14 +62,16 @@ class FutureTokenMap:
         self.next = 0
         self.pending = False  # set by the scheduler while placeholders may be in use
 
-    def store(self, ids: torch.Tensor) -> int:
-        n = ids.shape[0]
+    def reserve(self, n: int) -> int:
+        """Slots for a batch of n requests; returns the first one."""
         if self.next + n > self.size:
             self.next = 0
         base = self.next
-        self.buf[base:base + n] = ids
         self.next += n
         return base
+
+    def store(self, base: int, ids: torch.Tensor) -> None:
+        self.buf[base:base + ids.shape[0]] = ids
 
     def resolve(self, input_ids: torch.Tensor) -> torch.Tensor:
         slots = (-input_ids - 1).clamp(min=0)
@@ -103,6 +107,7 @@ class ModelRunner:
         self._init_memory_pools()
         self.attn_backend = self._make_attn_backend()
         self.sampler = Sampler()
+        self._greedy_info = GreedyInfoCache()
         self.future = FutureTokenMap(self.max_running_requests + 1, self.device)
         self.last_wait_s = 0.0  # host time spent waiting for the device in resolve_batch
         self.cuda_graph_runner = None
@@ -213,17 +218,21 @@ class ModelRunner:
         dev = self.device
         rows = [r.req_pool_idx for r in reqs]
         if batch.forward_mode.is_decode():
-            seq_lens = [r.kv_committed_len + 1 for r in reqs]
-            input_ids = [r.output_ids[-1] for r in reqs]
-            positions = [s - 1 for s in seq_lens]
-            fb = ForwardBatch(
+            # One host→device copy for the whole batch: each separate small copy costs
+            # the scheduler ~30 µs of host time, and the step's host time is what the
+            # overlapped GPU waits on at small models.
+            positions = [r.kv_committed_len for r in reqs]
+            host = torch.tensor([[r.output_ids[-1] for r in reqs], positions, rows,
+                                 [p + 1 for p in positions]], dtype=torch.int64)
+            packed = to_device_async(torch.cat([host, batch.out_cache_loc.view(1, -1)]), dev)
+            input_ids, positions_d, rows_d, seq_lens, out_loc = packed.unbind(0)
+            return ForwardBatch(
                 forward_mode=ForwardMode.DECODE, batch_size=len(reqs),
-                input_ids=_tensor(input_ids, dev), positions=_tensor(positions, dev),
-                req_pool_indices=_tensor(rows, dev), seq_lens=_tensor(seq_lens, dev),
-                out_cache_loc=to_device_async(batch.out_cache_loc, dev),
-                seq_lens_cpu=seq_lens, req_to_token_pool=self.req_to_token_pool,
-                token_to_kv_pool=self.token_to_kv_pool, attn_backend=self.attn_backend)
-            return fb
+                input_ids=input_ids, positions=positions_d, req_pool_indices=rows_d,
+                seq_lens=seq_lens, out_cache_loc=out_loc,
+                seq_lens_cpu=[p + 1 for p in positions], req_to_token_pool=self.req_to_token_pool,
+                token_to_kv_pool=self.token_to_kv_pool, attn_backend=self.attn_backend,
+                packed_decode_inputs=packed)
         prefix_lens = [r.kv_committed_len for r in reqs]
         ext_lens = [len(r.fill_ids) - p for r, p in zip(reqs, prefix_lens)]
         input_ids: list[int] = []
@@ -252,9 +261,15 @@ class ModelRunner:
             extend_seq_lens_cpu=ext_lens, logits_indices=_tensor(logits_rows, dev))
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
-        """Hidden states of the rows that need logits: [rows, hidden]."""
+        """Hidden states of the rows that need logits: [rows, hidden].
+
+        Input ids may hold placeholders for tokens an earlier, still running batch
+        samples (see FutureTokenMap); they are resolved on the device (inside the CUDA
+        graph when one runs, so that costs no host time)."""
         if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(fb):
             return self.cuda_graph_runner.replay(fb)
+        if self.future.pending:
+            fb.input_ids = self.future.resolve(fb.input_ids)
         self.attn_backend.init_forward_metadata(fb)
         hidden = self.model(fb.input_ids, fb.positions, fb)
         if fb.logits_indices is not None:
@@ -268,14 +283,22 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch_batch(self, batch: ScheduleBatch) -> PendingBatch:
-        """Enqueue forward + sampling; nothing here waits for the device.
+        """Enqueue forward + sampling; nothing here waits for the device."""
+        pending = self.launch_forward(batch)
+        self.launch_sampling(pending)
+        return pending
 
-        Input ids may hold placeholders for tokens an earlier, still running batch
-        samples (see FutureTokenMap); they are resolved on the device.
+    @torch.inference_mode()
+    def launch_forward(self, batch: ScheduleBatch) -> PendingBatch:
+        """Enqueue the forward and the logits; `launch_sampling` must follow.
+
+        The two are apart so that the host can do work between them that the sampling
+        needs and the forward does not: the overlapped scheduler fills grammar masks
+        there, once the previous batch's tokens are accepted, while this forward runs.
+        The batch's future-token slots are reserved here, so its placeholders exist
+        before its tokens are sampled.
         """
         fb = self.build_forward_batch(batch)
-        if self.future.pending:
-            fb.input_ids = self.future.resolve(fb.input_ids)
         hidden = self.forward(fb)
         logits = self.model.compute_logits(hidden)
         reqs = batch.reqs
@@ -286,26 +309,38 @@ class ModelRunner:
             next_logits = logits[to_device_async(last_rows, logits.device)]
         else:
             next_logits = logits
-        info = SamplingBatchInfo.from_reqs(reqs, self.model_config.vocab_size, self.device)
-        info.update_vocab_mask()  # grammar masks (overlap hook: see its docstring)
-        # Every TP rank feeds rank 0's tokens back in, whatever its own sampler drew.
-        next_ids = self.tp_group.broadcast(self.sampler(next_logits, info))
-        future_base = self.future.store(next_ids)
         want_logprobs = any(r.return_logprob for r in reqs)
-        pending = PendingBatch(
-            next_ids=next_ids, host_ids=_to_host(next_ids), future_base=future_base,
+        return PendingBatch(
+            future_base=self.future.reserve(len(reqs)),
             # The sampler works on its own copy: these stay the raw logits for logprobs.
             next_logits=next_logits if want_logprobs else None,
             logits=logits if want_logprobs else None,
             prompt_plan=self._prompt_logprob_plan(batch, counts) if want_logprobs else None,
-            top_nums=[r.top_logprobs_num if r.return_logprob else -1 for r in reqs])
+            top_nums=[r.top_logprobs_num if r.return_logprob else -1 for r in reqs],
+            to_sample=(next_logits, self._greedy_info.get(reqs, self.model_config.vocab_size,
+                                                          self.device)))
+
+    @torch.inference_mode()
+    def launch_sampling(self, pending: PendingBatch) -> None:
+        """Enqueue the sampling of a batch launched with `launch_forward`."""
+        if pending.to_sample is None:
+            raise RuntimeError("this batch's tokens were already sampled")
+        next_logits, info = pending.to_sample
+        pending.to_sample = None
+        info.update_vocab_mask()  # grammar masks: every matcher is up to date by now
+        # Every TP rank feeds rank 0's tokens back in, whatever its own sampler drew.
+        next_ids = self.tp_group.broadcast(self.sampler(next_logits, info))
+        self.future.store(pending.future_base, next_ids)
+        pending.next_ids = next_ids
+        pending.host_ids = _to_host(next_ids)
         if self.device.type == "cuda":
             pending.ready = torch.cuda.Event()
             pending.ready.record()
-        return pending
 
     def resolve_batch(self, pending: PendingBatch) -> BatchResult:
         """Wait for a launched batch and turn its outputs into host values."""
+        if pending.host_ids is None:
+            raise RuntimeError("resolve_batch before launch_sampling")
         if pending.ready is not None:
             t0 = time.perf_counter()
             pending.ready.synchronize()

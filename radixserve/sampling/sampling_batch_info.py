@@ -113,6 +113,36 @@ class SamplingBatchInfo:
             self.vocab_mask.apply(logits)
 
 
+class GreedyInfoCache:
+    """SamplingBatchInfo.from_reqs, with the common all-greedy batch built once per size.
+
+    A batch whose every request is greedy with no penalty, grammar or min_new_tokens
+    block left has the same info as any other such batch of its size; building it costs
+    four host→device copies and list walks over the batch each step, which the
+    overlapped scheduler pays in host time at every decode step.
+    """
+
+    def __init__(self) -> None:
+        self._by_size: dict[int, SamplingBatchInfo] = {}
+
+    def get(self, reqs: list[Req], vocab_size: int,
+            device: torch.device | str) -> SamplingBatchInfo:
+        if not all(_is_plain_greedy(r) for r in reqs):
+            return SamplingBatchInfo.from_reqs(reqs, vocab_size, device)
+        info = self._by_size.get(len(reqs))
+        if info is None or info.vocab_size != vocab_size:
+            info = SamplingBatchInfo.from_reqs(reqs, vocab_size, device)
+            self._by_size[len(reqs)] = info
+        return info
+
+
+def _is_plain_greedy(req: Req) -> bool:
+    p = req.sampling_params
+    return (p.top_k == 1 and req.grammar is None and p.repetition_penalty == 1.0
+            and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
+            and len(req.output_ids) >= p.min_new_tokens)
+
+
 def _grammar_matchers(reqs: list[Req]) -> list | None:
     matchers = [r.grammar.matcher if r.grammar is not None else None for r in reqs]
     return matchers if any(m is not None for m in matchers) else None

@@ -3,10 +3,10 @@
 Extend (and MIXED) batches run `extend_attention_fwd`; decode batches run the split-KV
 `decode_attention_fwd`. New k/v go into the pool through one `store_kv` launch.
 
-CUDA graphs: `init_cuda_graph_state` preallocates, for the largest batch, the request
-rows and seq_lens the kernels read and the decode scratch. Capture points the metadata
-at slices of those buffers; replay copies the live batch into the same slices, so the
-graph's pointers and shapes never change. The split bound depends only on the batch
+CUDA graphs: `init_cuda_graph_state` preallocates the decode scratch for the largest
+batch. The graph runner passes the same fixed buffers (its request rows and seq_lens)
+at capture and at every replay, so the metadata points at them directly and the graph's
+pointers and shapes never change. The split bound depends only on the batch
 size, so it is the same at capture and replay. The runner passes the padded batch to
 both hooks (padded rows: any valid request row, seq_len
 `get_cuda_graph_seq_len_fill_value()`, out_cache_loc slot 0).
@@ -147,29 +147,27 @@ class TritonAttnBackend(AttentionBackend):
         # each captured size views a prefix of it.
         rows = max(bs * self.splits_for(bs) for bs in range(1, max_bs + 1))
         self._graph_bufs = {
-            "req_pool_indices": torch.zeros(max_bs, dtype=torch.int64, device=self.device),
-            "seq_lens": torch.ones(max_bs, dtype=torch.int64, device=self.device),
             "mid_o": torch.empty(rows * self.num_heads * self.v_head_dim, dtype=torch.float32,
                                  device=self.device),
             "mid_lse": torch.empty(rows * self.num_heads, dtype=torch.float32, device=self.device),
         }
 
-    def _graph_metadata(self, bs: int) -> DecodeMetadata:
+    def _graph_metadata(self, bs: int, fb: ForwardBatch) -> DecodeMetadata:
         if self._graph_bufs is None:
             raise RuntimeError("call init_cuda_graph_state before capturing")
         bufs, splits = self._graph_bufs, self.splits_for(bs)
         mid_o = bufs["mid_o"][:bs * self.num_heads * splits * self.v_head_dim]
         mid_lse = bufs["mid_lse"][:bs * self.num_heads * splits]
-        return DecodeMetadata(bufs["req_pool_indices"][:bs], bufs["seq_lens"][:bs],
+        # The graph runner's batch is made of its own fixed buffers, the same at capture
+        # and replay: the kernels read them in place, with no copy per replay.
+        return DecodeMetadata(fb.req_pool_indices, fb.seq_lens,
                               mid_o.view(bs, self.num_heads, splits, self.v_head_dim),
                               mid_lse.view(bs, self.num_heads, splits))
 
     def _copy_batch(self, fb: ForwardBatch) -> DecodeMetadata:
         if not fb.forward_mode.is_decode():
             raise NotImplementedError("the triton backend captures decode batches only")
-        md = self._graph_metadata(fb.batch_size)
-        md.req_pool_indices.copy_(fb.req_pool_indices)
-        md.seq_lens.copy_(fb.seq_lens)
+        md = self._graph_metadata(fb.batch_size, fb)
         fb.attn_metadata = md
         return md
 
