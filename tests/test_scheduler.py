@@ -174,3 +174,23 @@ def test_duplicate_rid_is_rejected_without_touching_the_original(model_path):
             reasons += [r for r in out.finished_reasons if r is not None]
     assert reasons == [{"type": "abort", "message": "aborted by the client"}]
     assert_no_leak(eng)
+
+
+def test_in_batch_prefix_sharing_with_chunked_prompts(model_path):
+    """A leader's prompt split over chunks shares its prefix with the followers behind
+    it: a follower whose cached part ends where a chunk ended must not compute the rest
+    of the prefix while the leader computes it in the same batch."""
+    from radixserve.bench.offline_throughput import shared_prefix_workload
+
+    # 208-token prompts, chunks of 256: the third leader is split at token 96 and
+    # finishes in the batch that reaches its followers.
+    prompts, outs, must_compute = shared_prefix_workload(3, 4, 200, 8, 4, 40000, seed=0)
+    params = [{"temperature": 0, "max_new_tokens": o, "ignore_eos": True} for o in outs]
+    eng = Engine(model_path=model_path, max_total_tokens=16384, chunked_prefill_size=256)
+    results = eng.generate(input_ids=prompts, sampling_params=params)
+    assert eng.get_server_info().total_prefill_tokens == must_compute
+    off = Engine(model_path=model_path, max_total_tokens=16384, disable_radix_cache=True,
+                 chunked_prefill_size=256)
+    expected = off.generate(input_ids=prompts, sampling_params=params)
+    assert [r["output_ids"] for r in results] == [r["output_ids"] for r in expected]
+    assert_no_leak(eng)

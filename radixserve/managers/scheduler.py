@@ -35,8 +35,8 @@ INIT_NEW_TOKEN_RATIO = 0.7
 MIN_NEW_TOKEN_RATIO = 0.1
 NEW_TOKEN_RATIO_DECAY = 0.001
 RETRACT_RATIO_STEP = 0.1
-# Requests whose first this-many tokens are not cached but equal those of a request
-# already in the prefill batch are deferred to the next batch (see get_new_batch_prefill).
+# A request whose next this-many uncached tokens are being computed by a request already
+# in the prefill batch is deferred to the next batch (see InBatchPrefixes).
 IN_BATCH_PREFIX_LEN = 32
 
 
@@ -239,6 +239,8 @@ class Scheduler:
             rem_input_tokens=self.server_args.max_prefill_tokens,
             rem_chunk_tokens=self.chunked_prefill_size, page_size=self.page_size)
         can_run: list[Req] = []
+        radix = not self.server_args.disable_radix_cache
+        in_batch = InBatchPrefixes()
         if self.chunked_req is not None:
             req = self.chunked_req
             self.chunked_req = None
@@ -247,8 +249,7 @@ class Scheduler:
                 # Keep it first in line; nothing else may overtake a half-done prefill.
                 self.chunked_req = req
                 return None
-        radix = not self.server_args.disable_radix_cache
-        in_batch_prefixes: set[tuple[int, ...]] = set()
+            in_batch.add(req)
         for req in self.policy.order(self.waiting_queue):
             if self.chunked_req is not None:
                 break
@@ -257,15 +258,13 @@ class Scheduler:
             if not self.grammar.is_ready(req):
                 continue  # its grammar is still compiling: the others go first
             req.init_next_round_input(self.tree_cache if radix else None)
-            key = _in_batch_key(req) if radix else None
-            if key is not None and key in in_batch_prefixes:
+            if radix and in_batch.covers(req):
                 # Its prefix is being computed in this very batch: wait one round and
                 # take it from the cache instead of computing it twice.
                 continue
             if not self._admit(req, budget, can_run):
                 break
-            if key is not None:
-                in_batch_prefixes.add(key)
+            in_batch.add(req)
         if not can_run:
             return None
         taken = {id(r) for r in can_run}
@@ -561,9 +560,34 @@ class Scheduler:
             total_cached_tokens=self.total_cached_tokens)
 
 
-def _in_batch_key(req: Req) -> tuple[int, ...] | None:
-    """The leading tokens that a same-batch request could share with `req`, or None when
-    the cache already holds them (or the prompt is too short to be worth deferring)."""
-    if len(req.fill_ids) <= IN_BATCH_PREFIX_LEN or len(req.prefix_indices) >= IN_BATCH_PREFIX_LEN:
-        return None
-    return tuple(req.fill_ids[:IN_BATCH_PREFIX_LEN])
+class InBatchPrefixes:
+    """The tokens that the requests admitted to a prefill batch will have in the cache once
+    it runs, so that a request sharing them waits a round instead of computing them too.
+
+    A request is covered when a batch-mate on the same path (same leading tokens) also
+    holds the next IN_BATCH_PREFIX_LEN tokens after the request's cached prefix. Looking
+    from the request's own cached boundary, not from token 0, also covers a follower whose
+    cached part ends where an earlier chunk of the shared prefix ended.
+    """
+
+    def __init__(self) -> None:
+        # By leading tokens, so that only requests on the same path are compared.
+        self._by_head: dict[tuple[int, ...], list[Req]] = {}
+
+    def add(self, req: Req) -> None:
+        if len(req.fill_ids) > IN_BATCH_PREFIX_LEN:
+            head = tuple(req.fill_ids[:IN_BATCH_PREFIX_LEN])
+            self._by_head.setdefault(head, []).append(req)
+
+    def covers(self, req: Req) -> bool:
+        ids = req.fill_ids
+        start = len(req.prefix_indices)
+        end = start + IN_BATCH_PREFIX_LEN
+        if len(ids) <= end:
+            return False  # too little left to share to be worth a round's wait
+        window = ids[start:end]
+        for mate in self._by_head.get(tuple(ids[:IN_BATCH_PREFIX_LEN]), ()):
+            m = mate.fill_ids  # as admitted: ends where its chunk ends
+            if len(m) >= end and m[start] == ids[start] and m[start:end] == window:
+                return True
+        return False
