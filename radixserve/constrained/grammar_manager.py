@@ -8,7 +8,7 @@ compiles once.
 Per request the flow is: `add_request` starts the compile → `collect_compiled` (each
 step) gives ready requests a matcher and reports failed compiles → `is_ready` gates
 admission → the sampler masks logits with the matchers (SamplingBatchInfo) →
-`accept_token` advances the matcher with the sampled token and says when the grammar
+`accept_tokens` advances the matchers with the sampled token and says when the grammar
 ended the request.
 """
 
@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from radixserve.constrained.xgrammar_backend import (GrammarError, GrammarKey, XGrammarBackend,
-                                                     grammar_key)
+                                                     accept_tokens, grammar_key)
 from radixserve.managers.schedule_batch import Req
 from radixserve.server_args import ServerArgs
 
@@ -40,9 +40,10 @@ class ReqGrammar:
         self.stop_token_ids = stop_token_ids
         self.matcher: Any = None
 
-    def accept_token(self, token_id: int) -> dict[str, Any] | None:
-        """Advance past the sampled token; a finish reason when the grammar ended it."""
-        if not self.matcher.accept_token(token_id):
+    def finish_reason(self, token_id: int, accepted: bool) -> dict[str, Any] | None:
+        """After the matcher was given the sampled token: a finish reason when the
+        grammar ended the request (or refused the token)."""
+        if not accepted:
             # Only when nothing was allowed (e.g. min_new_tokens blocked the EOS that the
             # finished grammar requires) and the sampler had to pick a masked token.
             return {"type": "abort", "message":
@@ -131,12 +132,13 @@ class GrammarManager:
         return req.grammar is None or req.grammar.matcher is not None
 
     @staticmethod
-    def accept_token(req: Req, token_id: int) -> dict[str, Any] | None:
-        """Feed the request's newly sampled token to its matcher; a finish reason when the
-        grammar ends the request."""
-        if req.grammar is None:
-            return None
-        return req.grammar.accept_token(token_id)
+    def accept_tokens(reqs: list[Req], token_ids: list[int]) -> list[dict[str, Any] | None]:
+        """Feed each grammar request its newly sampled token (all in one call, on
+        xgrammar's threads); per request, a finish reason when its grammar ended it."""
+        if not reqs:
+            return []
+        accepted = accept_tokens([r.grammar.matcher for r in reqs], token_ids)
+        return [r.grammar.finish_reason(t, ok) for r, t, ok in zip(reqs, token_ids, accepted)]
 
     # --- compiling ------------------------------------------------------------------
 

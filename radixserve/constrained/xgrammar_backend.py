@@ -124,20 +124,53 @@ def fill_vocab_mask(matchers: list[Any | None], vocab_size: int,
                     device: torch.device | str) -> VocabMask | None:
     """Fill each row's bitmask from its matcher (None: no grammar) and send it to `device`;
     None when no row needs a mask."""
-    import xgrammar as xgr
-
     # A terminated matcher belongs to a request that ended on the previous step's
     # token (seen one step late by the overlapped loop): its row's token is dropped,
     # and a terminated matcher has no next-token mask, so leave the row unmasked.
     rows = [i for i, m in enumerate(matchers) if m is not None and not m.is_terminated()]
     if not rows:
         return None
-    bitmask = xgr.allocate_token_bitmask(len(matchers), vocab_size)
-    # One call fills every row, on xgrammar's own threads, without the GIL.
+    on_cuda = torch.device(device).type == "cuda"
+    bitmask = _host_bitmasks.take(len(matchers), vocab_size, pinned=on_cuda)
+    # One call fills every row, on xgrammar's own threads, without the GIL. Rows left
+    # out keep stale bits, which is harmless: only `rows` are applied.
     _batch_matcher().batch_fill_next_token_bitmask([matchers[i] for i in rows], bitmask, rows)
-    if torch.device(device).type == "cuda":
-        bitmask = bitmask.pin_memory().to(device, non_blocking=True)
+    if on_cuda:
+        bitmask = bitmask.to(device, non_blocking=True)
     return VocabMask(bitmask, rows)
+
+
+def accept_tokens(matchers: list[Any], tokens: list[int]) -> list[bool]:
+    """Advance each matcher by its token, on xgrammar's threads; False where refused."""
+    if len(matchers) == 1:
+        return [matchers[0].accept_token(tokens[0])]
+    return _batch_matcher().batch_accept_token(matchers, tokens)
+
+
+class _HostBitmasks:
+    """Two host bitmask buffers, used in turn, so that a step neither allocates (nor
+    pins) a [B, V/32] tensor: a buffer is refilled only two fills later, after the
+    scheduler has waited for the batch whose asynchronous copy read it."""
+
+    def __init__(self) -> None:
+        self._bufs: list[torch.Tensor | None] = [None, None]
+        self._turn = 0
+
+    def take(self, rows: int, vocab_size: int, pinned: bool) -> torch.Tensor:
+        import xgrammar as xgr
+
+        self._turn ^= 1
+        shape = xgr.get_bitmask_shape(rows, vocab_size)
+        buf = self._bufs[self._turn]
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != shape[1] or \
+                buf.is_pinned() != pinned:
+            buf = torch.empty((max(rows, 64), shape[1]), dtype=xgr.bitmask_dtype,
+                              pin_memory=pinned)
+            self._bufs[self._turn] = buf
+        return buf[:rows]
+
+
+_host_bitmasks = _HostBitmasks()
 
 
 @functools.lru_cache(maxsize=1)

@@ -441,6 +441,14 @@ class Scheduler:
     def process_batch_result(self, batch: ScheduleBatch, result: BatchResult) -> None:
         """Fold sampled tokens into their requests; finish the ones that are done."""
         is_decode = batch.forward_mode.is_decode()
+        gets_token = [not (batch.extra["chunked"][i] or req.finished())
+                      and batch.extra["out_index"][i] >= 0 for i, req in enumerate(batch.reqs)]
+        grammar_rows = [i for i, req in enumerate(batch.reqs)
+                        if gets_token[i] and req.grammar is not None]
+        # A grammar ends its request when it accepts EOS, even under ignore_eos.
+        grammar_reasons = dict(zip(grammar_rows, self.grammar.accept_tokens(
+            [batch.reqs[i] for i in grammar_rows],
+            [result.next_token_ids[i] for i in grammar_rows])))
         for i, req in enumerate(batch.reqs):
             if not is_decode and i >= batch.num_decode_reqs:
                 self._record_prompt_logprobs(req, result, i)
@@ -455,9 +463,7 @@ class Scheduler:
             if req.return_logprob and result.next_token_logprobs[i] is not None:
                 req.output_token_logprobs.append(result.next_token_logprobs[i])
                 req.output_top_logprobs.append(result.next_top_logprobs[i] or [])
-            # A grammar ends its request when it accepts EOS, even under ignore_eos.
-            reason = (self.grammar.accept_token(req, result.next_token_ids[i])
-                      or self._check_finished(req, idx))
+            reason = grammar_reasons.get(i) or self._check_finished(req, idx)
             if reason is not None:
                 self._finish(req, reason)
                 continue
