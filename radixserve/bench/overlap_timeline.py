@@ -5,16 +5,26 @@ with the overlapped loop on and off.
         --load-format dummy --batch-size 64 256
 
 For each batch size it fills the running batch, warms up, then records the device's
-kernel timeline (torch.profiler) over a window of decode steps: idle = window minus
-the union of kernel intervals. Host time per step excludes waiting for the device.
+timeline over a window of decode steps, two ways:
+
+* between steps (what the scheduler costs the device): a CUDA event recorded before
+  each batch's first launch and one after its sampling; a step's gap is the time from
+  the previous batch's end event to its start event, which is zero whenever the next
+  batch was already queued when the device got there.
+* all idle: the window minus the union of kernel and copy intervals (torch.profiler),
+  which also counts the launch gaps between the kernels inside a step's CUDA graph.
+
+Host time per step excludes waiting for the device.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -37,6 +47,32 @@ def _busy_us(intervals: list[tuple[float, float]]) -> float:
     return busy
 
 
+@contextlib.contextmanager
+def _step_events(runner: Any) -> Iterator[list[tuple[str, torch.cuda.Event]]]:
+    """Record a timing event before each batch's forward and after its sampling."""
+    marks: list[tuple[str, torch.cuda.Event]] = []
+    launch_forward, launch_sampling = runner.launch_forward, runner.launch_sampling
+
+    def mark(kind: str) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        marks.append((kind, event))
+
+    def forward(batch: Any) -> Any:
+        mark("start")
+        return launch_forward(batch)
+
+    def sampling(pending: Any) -> None:
+        launch_sampling(pending)
+        mark("end")
+
+    runner.launch_forward, runner.launch_sampling = forward, sampling
+    try:
+        yield marks
+    finally:
+        del runner.launch_forward, runner.launch_sampling
+
+
 def measure(engine: Engine, bs: int, input_len: int, steps: int, seed: int) -> dict[str, Any]:
     sched = engine.scheduler
     rng = random.Random(seed)
@@ -51,11 +87,17 @@ def measure(engine: Engine, bs: int, input_len: int, steps: int, seed: int) -> d
     for _ in range(16):  # warm decode
         sched.step()
     host = []
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof, \
+            _step_events(sched.model_runner) as marks:
         for _ in range(steps):
             sched.step()
             host.append(sched.last_step_host_s)
         torch.cuda.synchronize()
+    # marks: start and end events of each batch in launch order; the gap before a batch
+    # is from the end of the batch before it to its own start.
+    ends = [e for kind, e in marks if kind == "end"]
+    starts = [e for kind, e in marks if kind == "start"]
+    between_ms = sum(max(0.0, end.elapsed_time(start)) for end, start in zip(ends, starts[1:]))
     intervals = [(e.time_range.start, e.time_range.end) for e in prof.events()
                  if e.device_type == torch.autograd.DeviceType.CUDA]
     window = max(e for _, e in intervals) - min(s for s, _ in intervals)
@@ -67,7 +109,10 @@ def measure(engine: Engine, bs: int, input_len: int, steps: int, seed: int) -> d
     host.sort()
     step_ms = window / 1e3 / steps
     return dict(batch_size=bs, overlap=sched.overlap, step_ms=step_ms,
-                tok_s=bs / step_ms * 1e3, gpu_idle_frac=1 - busy / window,
+                tok_s=bs / step_ms * 1e3,
+                between_steps_idle_frac=between_ms * 1e3 / window,
+                between_steps_idle_ms_per_step=between_ms / max(1, len(starts) - 1),
+                gpu_idle_frac=1 - busy / window,
                 idle_ms_per_step=(window - busy) / 1e3 / steps,
                 host_ms_median=statistics.median(host) * 1e3,
                 host_ms_p99=host[int(0.99 * (len(host) - 1))] * 1e3)
@@ -93,9 +138,12 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
         engine.shutdown()
-    print("\noverlap | batch | step ms | tok/s | GPU idle % | idle ms/step | host ms p50 | p99")
+    print("\noverlap | batch | step ms | tok/s | idle between steps % | ms/step | "
+          "all idle % | ms/step | host ms p50 | p99")
     for r in rows:
         print(f"{r['overlap']} | {r['batch_size']} | {r['step_ms']:.3f} | {r['tok_s']:.0f} | "
+              f"{100 * r['between_steps_idle_frac']:.2f} | "
+              f"{r['between_steps_idle_ms_per_step']:.3f} | "
               f"{100 * r['gpu_idle_frac']:.1f} | {r['idle_ms_per_step']:.3f} | "
               f"{r['host_ms_median']:.3f} | {r['host_ms_p99']:.3f}")
     if args.result_file:

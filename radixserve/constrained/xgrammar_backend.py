@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from radixserve.device_utils import host_to_device
 from radixserve.sampling_params import SamplingParams
 
 # `json_schema` set to this value means "any JSON object or array" (xgrammar's built-in
@@ -111,7 +112,9 @@ class VocabMask:
     """The allowed tokens of the batch rows that have a grammar, as a packed bitmask."""
 
     bitmask: torch.Tensor  # [B, ceil(V / 32)] int32 on the logits' device; bit set = allowed
-    rows: list[int]  # the rows that have a grammar; the others are left alone
+    # The rows that have a grammar (the others are left alone), on the logits' device;
+    # None when every row has one.
+    rows: torch.Tensor | None
 
     def apply(self, logits: torch.Tensor) -> None:
         """Set the disallowed logits of the grammar rows to -inf, in place, on the device."""
@@ -137,7 +140,10 @@ def fill_vocab_mask(matchers: list[Any | None], vocab_size: int,
     _batch_matcher().batch_fill_next_token_bitmask([matchers[i] for i in rows], bitmask, rows)
     if on_cuda:
         bitmask = bitmask.to(device, non_blocking=True)
-    return VocabMask(bitmask, rows)
+    # Row indices go up as a tensor through pinned memory: given a list, xgrammar copies
+    # it from pageable memory, which blocks the host until the forward in flight ends.
+    indices = None if len(rows) == len(matchers) else host_to_device(rows, torch.int32, device)
+    return VocabMask(bitmask, indices)
 
 
 def accept_tokens(matchers: list[Any], tokens: list[int]) -> list[bool]:
