@@ -4,8 +4,9 @@ Extend (and MIXED) batches run `extend_attention_fwd`; decode batches run the sp
 `decode_attention_fwd`. New k/v go into the pool through one `store_kv` launch.
 
 CUDA graphs: `init_cuda_graph_state` preallocates the decode scratch for the largest
-batch. The graph runner passes the same fixed buffers (its request rows and seq_lens)
-at capture and at every replay, so the metadata points at them directly and the graph's
+batch. Capture points the metadata at the batch's own request rows and seq_lens; the
+graph runner replays with those same buffers, filled in place, so a replay copies
+nothing (other tensors given at replay are copied into the captured ones). The graph's
 pointers and shapes never change. The split bound depends only on the batch
 size, so it is the same at capture and replay. The runner passes the padded batch to
 both hooks (padded rows: any valid request row, seq_len
@@ -70,6 +71,7 @@ class TritonAttnBackend(AttentionBackend):
         self._num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                          if self.device.type == "cuda" else 8)
         self._graph_bufs: dict[str, torch.Tensor] | None = None
+        self._captured: dict[int, DecodeMetadata] = {}  # by batch size
 
     def splits_for(self, batch_size: int) -> int:
         """The bound on KV splits per request in a decode batch of this size."""
@@ -164,15 +166,20 @@ class TritonAttnBackend(AttentionBackend):
                               mid_o.view(bs, self.num_heads, splits, self.v_head_dim),
                               mid_lse.view(bs, self.num_heads, splits))
 
-    def _copy_batch(self, fb: ForwardBatch) -> DecodeMetadata:
+    def init_forward_metadata_capture_cuda_graph(self, forward_batch: ForwardBatch) -> None:
+        fb = forward_batch
         if not fb.forward_mode.is_decode():
             raise NotImplementedError("the triton backend captures decode batches only")
-        md = self._graph_metadata(fb.batch_size, fb)
-        fb.attn_metadata = md
-        return md
-
-    def init_forward_metadata_capture_cuda_graph(self, forward_batch: ForwardBatch) -> None:
-        self._copy_batch(forward_batch)
+        fb.attn_metadata = self._captured[fb.batch_size] = self._graph_metadata(
+            fb.batch_size, fb)
 
     def init_forward_metadata_replay_cuda_graph(self, forward_batch: ForwardBatch) -> None:
-        self._copy_batch(forward_batch)
+        fb = forward_batch
+        md = self._captured[fb.batch_size]
+        # The graph runner replays with the very tensors it captured with (filled in
+        # place): nothing to copy. Any other caller's tensors are copied into them.
+        for captured, live in ((md.req_pool_indices, fb.req_pool_indices),
+                               (md.seq_lens, fb.seq_lens)):
+            if live.data_ptr() != captured.data_ptr():
+                captured.copy_(live)
+        fb.attn_metadata = md
