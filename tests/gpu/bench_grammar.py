@@ -35,29 +35,25 @@ from radixserve.engine import Engine  # noqa: E402
 _SHORT_LEN = 16
 
 
-def bench_schema(num_records: int, tag_max_len: int | None = None) -> dict[str, Any]:
-    """An API-response-like schema: an id and a list of exactly `num_records` small
-    records. Every record takes several tokens, so with num_records >= the tokens a run
-    decodes no request can finish early (every row decodes the same number of tokens),
-    and every step's mask comes from ordinary JSON states: keys, bounded strings,
-    bounded integers, booleans. (An unreachable minLength would do the first too, but
-    xgrammar's cost per token grows with such a bound, which real schemas do not have.)
-    `tag_max_len` bounds the one free-text field: xgrammar cannot precompute the mask of
-    a length-bounded string state, so that costs more host time per step."""
-    tag: dict[str, Any] = {"type": "string"}
+def bench_schema(num_fields: int, tag_max_len: int | None = None) -> dict[str, Any]:
+    """A wide API-response-like object: `num_fields` required fields in a fixed order,
+    cycling through a free-text string, a bounded integer, an enum and a boolean. Every
+    field takes several tokens, so with num_fields >= the tokens a run decodes no request
+    can finish early (every row decodes the same number of tokens), and every step's mask
+    comes from ordinary JSON states. The schema has no large repetition bounds (an
+    unreachable minLength or minItems would also prevent early finishes, but xgrammar's
+    cost per token grows with such bounds, which real schemas do not have).
+    `tag_max_len` bounds the free-text fields: xgrammar cannot precompute the mask of a
+    length-bounded string state, so that costs more host time per step."""
+    text: dict[str, Any] = {"type": "string"}
     if tag_max_len is not None:
-        tag["maxLength"] = tag_max_len
-    record = {"type": "object", "properties": {
-        "tag": tag,
-        "score": {"type": "integer", "minimum": 0, "maximum": 999},
-        "status": {"enum": ["ok", "error", "pending"]},
-        "ok": {"type": "boolean"}},
-        "required": ["tag", "score", "status", "ok"], "additionalProperties": False}
-    return {"type": "object", "properties": {
-        "id": {"type": "integer"},
-        "records": {"type": "array", "items": record, "minItems": num_records,
-                    "maxItems": num_records}},
-        "required": ["id", "records"], "additionalProperties": False}
+        text["maxLength"] = tag_max_len
+    kinds = [text, {"type": "integer", "minimum": 0, "maximum": 999},
+             {"enum": ["ok", "error", "pending"]}, {"type": "boolean"}]
+    names = [f"field_{i}" for i in range(num_fields)]
+    return {"type": "object",
+            "properties": {name: kinds[i % len(kinds)] for i, name in enumerate(names)},
+            "required": names, "additionalProperties": False}
 
 
 def timed_run(engine: Engine, prompts: list[list[int]], params: dict[str, Any],
