@@ -123,10 +123,10 @@ class VocabMask:
         xgr.apply_token_bitmask_inplace(logits, self.bitmask, indices=self.rows)
 
 
-def fill_vocab_mask(matchers: list[Any | None], vocab_size: int,
-                    device: torch.device | str) -> VocabMask | None:
-    """Fill each row's bitmask from its matcher (None: no grammar) and send it to `device`;
-    None when no row needs a mask."""
+def fill_vocab_mask(matchers: list[Any | None], vocab_size: int, device: torch.device | str,
+                    buffers: HostBitmasks) -> VocabMask | None:
+    """Fill each row's bitmask from its matcher (None: no grammar) into one of `buffers`
+    and send it to `device`; None when no row needs a mask."""
     # A terminated matcher belongs to a request that ended on the previous step's
     # token (seen one step late by the overlapped loop): its row's token is dropped,
     # and a terminated matcher has no next-token mask, so leave the row unmasked.
@@ -134,7 +134,7 @@ def fill_vocab_mask(matchers: list[Any | None], vocab_size: int,
     if not rows:
         return None
     on_cuda = torch.device(device).type == "cuda"
-    bitmask = _host_bitmasks.take(len(matchers), vocab_size, pinned=on_cuda)
+    bitmask = buffers.take(len(matchers), vocab_size, pinned=on_cuda)
     # One call fills every row, on xgrammar's own threads, without the GIL. Rows left
     # out keep stale bits, which is harmless: only `rows` are applied.
     _batch_matcher().batch_fill_next_token_bitmask([matchers[i] for i in rows], bitmask, rows)
@@ -153,10 +153,10 @@ def accept_tokens(matchers: list[Any], tokens: list[int]) -> list[bool]:
     return _batch_matcher().batch_accept_token(matchers, tokens)
 
 
-class _HostBitmasks:
-    """Two host bitmask buffers, used in turn, so that a step neither allocates (nor
-    pins) a [B, V/32] tensor: a buffer is refilled only two fills later, after the
-    scheduler has waited for the batch whose asynchronous copy read it."""
+class HostBitmasks:
+    """Two host bitmask buffers of one model runner, used in turn, so that a step
+    neither allocates (nor pins) a [B, V/32] tensor: a buffer is refilled only two fills
+    later, after the scheduler has waited for the batch whose asynchronous copy read it."""
 
     def __init__(self) -> None:
         self._bufs: list[torch.Tensor | None] = [None, None]
@@ -175,8 +175,6 @@ class _HostBitmasks:
             self._bufs[self._turn] = buf
         return buf[:rows]
 
-
-_host_bitmasks = _HostBitmasks()
 
 
 @functools.lru_cache(maxsize=1)

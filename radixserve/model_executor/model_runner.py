@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from radixserve.configs.model_config import ModelConfig
+from radixserve.constrained.xgrammar_backend import HostBitmasks
 from radixserve.device_utils import host_to_device, to_device_async
 from radixserve.distributed.parallel_state import get_tp_group, kv_heads_per_rank
 from radixserve.layers.attention.base import AttentionBackend
@@ -108,6 +109,7 @@ class ModelRunner:
         self.attn_backend = self._make_attn_backend()
         self.sampler = Sampler()
         self._greedy_info = GreedyInfoCache()
+        self._mask_buffers = HostBitmasks()  # grammar bitmasks, reused across steps
         self.future = FutureTokenMap(self.max_running_requests + 1, self.device)
         self.last_wait_s = 0.0  # host time spent waiting for the device in resolve_batch
         self.cuda_graph_runner = None
@@ -327,7 +329,7 @@ class ModelRunner:
             raise RuntimeError("this batch's tokens were already sampled")
         next_logits, info = pending.to_sample
         pending.to_sample = None
-        info.update_vocab_mask()  # grammar masks: every matcher is up to date by now
+        info.update_vocab_mask(self._mask_buffers)  # every matcher is up to date by now
         # Every TP rank feeds rank 0's tokens back in, whatever its own sampler drew.
         next_ids = self.tp_group.broadcast(self.sampler(next_logits, info))
         self.future.store(pending.future_base, next_ids)

@@ -14,7 +14,7 @@ import torch
 
 from radixserve.device_utils import host_to_device
 
-from radixserve.constrained.xgrammar_backend import VocabMask, fill_vocab_mask
+from radixserve.constrained.xgrammar_backend import HostBitmasks, VocabMask, fill_vocab_mask
 from radixserve.managers.schedule_batch import Req
 from radixserve.sampling.penalties import PenaltyState
 
@@ -86,7 +86,7 @@ class SamplingBatchInfo:
             grammar_matchers=_grammar_matchers(reqs),
         )
 
-    def update_vocab_mask(self) -> None:
+    def update_vocab_mask(self, buffers: HostBitmasks) -> None:
         """Fill the grammar rows' allowed-token bitmask on the host and send it to the device.
 
         Call it after launching the forward (the host work then overlaps the device's) and
@@ -96,7 +96,7 @@ class SamplingBatchInfo:
         """
         if self.grammar_matchers is not None:
             self.vocab_mask = fill_vocab_mask(self.grammar_matchers, self.vocab_size,
-                                              self.temperatures.device)
+                                              self.temperatures.device, buffers)
 
     @property
     def has_logits_processors(self) -> bool:
