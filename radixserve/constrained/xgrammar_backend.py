@@ -133,12 +133,11 @@ def fill_vocab_mask(matchers: list[Any | None], vocab_size: int, device: torch.d
     rows = [i for i, m in enumerate(matchers) if m is not None and not m.is_terminated()]
     if not rows:
         return None
-    on_cuda = torch.device(device).type == "cuda"
-    bitmask = buffers.take(len(matchers), vocab_size, pinned=on_cuda)
+    bitmask = buffers.take(len(matchers), vocab_size)
     # One call fills every row, on xgrammar's own threads, without the GIL. Rows left
     # out keep stale bits, which is harmless: only `rows` are applied.
     _batch_matcher().batch_fill_next_token_bitmask([matchers[i] for i in rows], bitmask, rows)
-    if on_cuda:
+    if torch.device(device).type == "cuda":
         bitmask = bitmask.to(device, non_blocking=True)
     # Row indices go up as a tensor through pinned memory: given a list, xgrammar copies
     # it from pageable memory, which blocks the host until the forward in flight ends.
@@ -158,20 +157,20 @@ class HostBitmasks:
     neither allocates (nor pins) a [B, V/32] tensor: a buffer is refilled only two fills
     later, after the scheduler has waited for the batch whose asynchronous copy read it."""
 
-    def __init__(self) -> None:
+    def __init__(self, pinned: bool) -> None:
+        self.pinned = pinned
         self._bufs: list[torch.Tensor | None] = [None, None]
         self._turn = 0
 
-    def take(self, rows: int, vocab_size: int, pinned: bool) -> torch.Tensor:
+    def take(self, rows: int, vocab_size: int) -> torch.Tensor:
         import xgrammar as xgr
 
         self._turn ^= 1
         shape = xgr.get_bitmask_shape(rows, vocab_size)
         buf = self._bufs[self._turn]
-        if buf is None or buf.shape[0] < rows or buf.shape[1] != shape[1] or \
-                buf.is_pinned() != pinned:
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != shape[1]:
             buf = torch.empty((max(rows, 64), shape[1]), dtype=xgr.bitmask_dtype,
-                              pin_memory=pinned)
+                              pin_memory=self.pinned)
             self._bufs[self._turn] = buf
         return buf[:rows]
 

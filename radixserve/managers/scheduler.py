@@ -441,11 +441,12 @@ class Scheduler:
     def process_batch_result(self, batch: ScheduleBatch, result: BatchResult) -> None:
         """Fold sampled tokens into their requests; finish the ones that are done."""
         is_decode = batch.forward_mode.is_decode()
-        gets_token = [not (batch.extra["chunked"][i] or req.finished())
-                      and batch.extra["out_index"][i] >= 0 for i, req in enumerate(batch.reqs)]
+        # The grammar rows that get a token below (the same tests as the loop's), whose
+        # matchers all advance in one call. A grammar ends its request when it accepts
+        # EOS, even under ignore_eos.
         grammar_rows = [i for i, req in enumerate(batch.reqs)
-                        if gets_token[i] and req.grammar is not None]
-        # A grammar ends its request when it accepts EOS, even under ignore_eos.
+                        if req.grammar is not None and not batch.extra["chunked"][i]
+                        and not req.finished() and batch.extra["out_index"][i] >= 0]
         grammar_reasons = dict(zip(grammar_rows, self.grammar.accept_tokens(
             [batch.reqs[i] for i in grammar_rows],
             [result.next_token_ids[i] for i in grammar_rows])))

@@ -107,19 +107,17 @@ class CudaGraphRunner:
         return self.mr.model(input_ids, fb.positions, fb)
 
     def can_run(self, fb: ForwardBatch) -> bool:
-        return fb.forward_mode.is_decode() and fb.batch_size <= self.max_bs
+        # Decode batches from ModelRunner.build_forward_batch carry their inputs packed;
+        # a hand-built one runs eagerly.
+        return (fb.forward_mode.is_decode() and fb.batch_size <= self.max_bs
+                and fb.packed_decode_inputs is not None)
 
     def replay(self, fb: ForwardBatch) -> torch.Tensor:
         bs = fb.batch_size
         padded = self.batch_sizes[bisect.bisect_left(self.batch_sizes, bs)]
         if padded != bs:
             self.inputs[:, bs:padded].copy_(self.pad_column.expand(5, padded - bs))
-        if fb.packed_decode_inputs is not None:
-            self.inputs[:, :bs].copy_(fb.packed_decode_inputs)
-        else:
-            for dst, src in zip(self.inputs.unbind(0), (fb.input_ids, fb.positions,
-                                fb.req_pool_indices, fb.seq_lens, fb.out_cache_loc)):
-                dst[:bs].copy_(src)
+        self.inputs[:, :bs].copy_(fb.packed_decode_inputs)
         self.mr.attn_backend.init_forward_metadata_replay_cuda_graph(self._batch(padded))
         self.graphs[padded].replay()
         return self.outputs[padded][:bs]

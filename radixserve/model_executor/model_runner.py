@@ -109,7 +109,8 @@ class ModelRunner:
         self.attn_backend = self._make_attn_backend()
         self.sampler = Sampler()
         self._greedy_info = GreedyInfoCache()
-        self._mask_buffers = HostBitmasks()  # grammar bitmasks, reused across steps
+        # Grammar bitmasks, reused across steps; pinned for asynchronous uploads.
+        self._mask_buffers = HostBitmasks(pinned=self.device.type == "cuda")
         self.future = FutureTokenMap(self.max_running_requests + 1, self.device)
         self.last_wait_s = 0.0  # host time spent waiting for the device in resolve_batch
         self.cuda_graph_runner = None
@@ -224,15 +225,16 @@ class ModelRunner:
             # the scheduler ~30 µs of host time, and the step's host time is what the
             # overlapped GPU waits on at small models.
             positions = [r.kv_committed_len for r in reqs]
+            seq_lens_cpu = [p + 1 for p in positions]
             host = torch.tensor([[r.output_ids[-1] for r in reqs], positions, rows,
-                                 [p + 1 for p in positions]], dtype=torch.int64)
+                                 seq_lens_cpu], dtype=torch.int64)
             packed = to_device_async(torch.cat([host, batch.out_cache_loc.view(1, -1)]), dev)
             input_ids, positions_d, rows_d, seq_lens, out_loc = packed.unbind(0)
             return ForwardBatch(
                 forward_mode=ForwardMode.DECODE, batch_size=len(reqs),
                 input_ids=input_ids, positions=positions_d, req_pool_indices=rows_d,
                 seq_lens=seq_lens, out_cache_loc=out_loc,
-                seq_lens_cpu=[p + 1 for p in positions], req_to_token_pool=self.req_to_token_pool,
+                seq_lens_cpu=seq_lens_cpu, req_to_token_pool=self.req_to_token_pool,
                 token_to_kv_pool=self.token_to_kv_pool, attn_backend=self.attn_backend,
                 packed_decode_inputs=packed)
         prefix_lens = [r.kv_committed_len for r in reqs]
