@@ -31,7 +31,7 @@ from radixserve.entrypoints.openai.protocol import (
     sse_event,
     usage,
 )
-from radixserve.entrypoints.openai.serving_completions import rename_param
+from radixserve.entrypoints.openai.serving_completions import collect_outputs, rename_param
 from radixserve.managers.tokenizer_manager import (
     GenerateReqInput,
     InvalidRequestError,
@@ -97,14 +97,7 @@ async def create_chat_completion(tm: TokenizerManager, req: ChatCompletionReques
     if req.stream:
         return StreamingResponse(_stream(outputs, req, head, parsers),
                                  media_type="text/event-stream")
-    results: list[dict[str, Any]] = []
-    try:
-        async with aclosing(outputs) as gen:
-            async for out in gen:
-                results.append(out)
-    except InvalidRequestError as exc:
-        raise _renamed(exc) from None
-    results.sort(key=lambda o: o["index"])
+    results = await collect_outputs(outputs, PARAM_NAMES)
     choices = [_choice(out, req, parsers) for out in results]
     return JSONResponse({**head, "object": "chat.completion", "choices": choices,
                          "usage": usage(results, req.n)})

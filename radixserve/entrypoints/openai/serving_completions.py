@@ -36,6 +36,21 @@ def rename_param(exc: InvalidRequestError, names: dict[str, str]) -> InvalidRequ
     return InvalidRequestError(exc.message, names.get(exc.param or "", exc.param))
 
 
+async def collect_outputs(outputs: AsyncIterator[dict[str, Any]],
+                          names: dict[str, str]) -> list[dict[str, Any]]:
+    """Every output of a non-streamed request, in choice order. A bad request
+    found while it runs is re-raised under the client's field names (`names`)."""
+    results: list[dict[str, Any]] = []
+    try:
+        async with aclosing(outputs) as gen:
+            async for out in gen:
+                results.append(out)
+    except InvalidRequestError as exc:
+        raise rename_param(exc, names) from None
+    results.sort(key=lambda o: o["index"])
+    return results
+
+
 async def create_completion(tm: TokenizerManager, req: CompletionRequest,
                             request: Request) -> Response:
     texts, ids = _split_prompt(req.prompt)
@@ -56,14 +71,7 @@ async def create_completion(tm: TokenizerManager, req: CompletionRequest,
     if req.stream:
         return StreamingResponse(_stream(outputs, req, prompts, head),
                                  media_type="text/event-stream")
-    results: list[dict[str, Any]] = []
-    try:
-        async with aclosing(outputs) as gen:
-            async for out in gen:
-                results.append(out)
-    except InvalidRequestError as exc:
-        raise rename_param(exc, PARAM_NAMES) from None
-    results.sort(key=lambda o: o["index"])
+    results = await collect_outputs(outputs, PARAM_NAMES)
     choices = [_choice(out, req, prompts[out["index"] // req.n]) for out in results]
     return JSONResponse({**head, "choices": choices, "usage": usage(results, req.n)})
 
