@@ -361,3 +361,35 @@ def test_grammar_under_overlap_schedule(checkpoint):
         finally:
             eng.shutdown()
     assert outputs[True] == outputs[False]
+
+
+def test_grammar_batch_samples_after_previous_batch_is_processed(checkpoint):
+    """Under overlap, a grammar batch does not wait for the batch in flight: its forward
+    is launched first, the previous batch is processed (its tokens accepted), and only
+    then is its sampling launched."""
+    eng = Engine(model_path=checkpoint, max_total_tokens=2048, enable_cpu_overlap=True)
+    sched, runner = eng.scheduler, eng.scheduler.model_runner
+    events: list[str] = []
+    launch_forward, launch_sampling, process = (runner.launch_forward, runner.launch_sampling,
+                                                sched._process)
+
+    def spy(name, fn):
+        def wrapped(*args):
+            events.append(name)
+            return fn(*args)
+        return wrapped
+
+    runner.launch_forward = spy("forward", launch_forward)
+    runner.launch_sampling = spy("sample", launch_sampling)
+    sched._process = spy("process", process)
+    try:
+        schema = json.dumps(schema_zoo(1)[0])
+        out = eng.generate("JSON:", {"json_schema": schema, "max_new_tokens": 64,
+                                     "temperature": 0})
+        jsonschema.validate(json.loads(out["text"]), schema_zoo(1)[0])
+        steps = "".join({"forward": "f", "sample": "s", "process": "p"}[e] for e in events)
+        # Decode steps with a batch in flight run forward, process, sample.
+        assert steps.count("fps") >= out["meta_info"]["completion_tokens"] - 2, steps
+        assert_no_kv_leak(eng)
+    finally:
+        eng.shutdown()

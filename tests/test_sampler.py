@@ -9,7 +9,7 @@ import torch
 
 from radixserve.layers.sampler import Sampler, get_token_logprobs
 from radixserve.managers.schedule_batch import Req
-from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
+from radixserve.sampling.sampling_batch_info import GreedyInfoCache, SamplingBatchInfo
 from radixserve.sampling_params import SamplingParams
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -199,6 +199,27 @@ def test_penalties_match_hand_computed_values(device: str) -> None:
 def test_no_penalty_state_without_penalties() -> None:
     info = SamplingBatchInfo.from_reqs([make_req(0), make_req(1, top_p=0.5)], 10, "cpu")
     assert info.penalties is None and not info.has_logits_processors
+
+
+def test_greedy_info_cache_reuses_only_plain_greedy_batches() -> None:
+    """An all-greedy batch with nothing to process reuses one info per batch size, equal
+    to what from_reqs builds; anything a row must process or sample builds afresh."""
+    cache = GreedyInfoCache()
+    greedy = [make_req(i, temperature=0.0) for i in range(3)]
+    first = cache.get(greedy, 10, "cpu")
+    assert cache.get([make_req(7, top_k=1) for _ in range(3)], 10, "cpu") is first
+    built = SamplingBatchInfo.from_reqs(greedy, 10, "cpu")
+    assert first.is_all_greedy and not first.has_logits_processors
+    for name in ("temperatures", "top_ps", "top_ks", "min_ps"):
+        assert torch.equal(getattr(first, name), getattr(built, name))
+    assert cache.get(greedy[:2], 10, "cpu") is not first  # another batch size
+    for odd in (make_req(3, temperature=0.7), make_req(3, temperature=0.0, frequency_penalty=0.5),
+                make_req(3, temperature=0.0, min_new_tokens=2, eos_token_ids={5})):
+        info = cache.get(greedy[:2] + [odd], 10, "cpu")
+        assert info is not first and info is not cache.get(greedy[:2] + [odd], 10, "cpu")
+    # min_new_tokens already reached: nothing left to block, so the batch is plain again.
+    done = make_req(3, output_ids=(1, 1), temperature=0.0, min_new_tokens=2, eos_token_ids={5})
+    assert cache.get(greedy[:2] + [done], 10, "cpu") is first
 
 
 def test_min_new_tokens_masks_eos_and_stop_tokens(device: str) -> None:
