@@ -56,6 +56,9 @@ class ServerArgs:
     # GPU fast path
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int | None = None
+    # Decode attends a prefix shared by running requests once per group (needs the
+    # radix cache and the triton backend; attention/cascade.py).
+    disable_cascade_attention: bool = False
     disable_overlap_schedule: bool = False
     # The overlapped loop is on by default on CUDA only (on CPU nothing runs
     # asynchronously); this runs it on CPU too, which tests use to check it.

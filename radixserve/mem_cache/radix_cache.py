@@ -323,3 +323,39 @@ class RadixCache:
             self.dec_lock_ref(req.last_node)
         req.last_node = match.last_node
         req.prefix_indices = torch.cat([match.device_indices, slots[aligned:]])
+
+
+def shared_prefix_groups(last_nodes: list[TreeNode | None], min_len: int
+                         ) -> tuple[list[int], list[int]]:
+    """Which requests of a batch share a cached prefix, from the nodes they lock.
+
+    Returns, for each request, a group key (-1: no group) and the length of the prefix
+    its group shares. A request joins the deepest node on its path that at least one
+    other request also passes through, if that node ends at least min_len tokens deep;
+    the members of a group then hold the same tree-owned KV slots for that prefix in
+    their req_to_token rows. (A request can end up alone in its group when its sharers
+    picked a deeper node; the caller drops such groups.)
+    """
+    paths: list[list[TreeNode]] = []
+    passing: dict[int, int] = {}
+    for node in last_nodes:
+        path: list[TreeNode] = []
+        while node is not None and node.parent is not None:  # the root shares nothing
+            path.append(node)
+            passing[node.id] = passing.get(node.id, 0) + 1
+            node = node.parent
+        paths.append(path)
+    keys, lens = [], []
+    for path in paths:
+        depth = sum(len(n.key) for n in path)
+        key = -1
+        for node in path:  # deepest first
+            if depth < min_len:
+                break
+            if passing[node.id] > 1:
+                key = node.id
+                break
+            depth -= len(node.key)
+        keys.append(key)
+        lens.append(depth if key >= 0 else 0)
+    return keys, lens

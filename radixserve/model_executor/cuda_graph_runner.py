@@ -3,7 +3,9 @@ replay it with the inputs copied into the captured buffers.
 
 A live batch of size b runs the graph of the smallest captured size >= b; the padded
 rows read request row 0 with seq_len `get_cuda_graph_seq_len_fill_value()` and write
-their K/V into the reserved slot 0, so they never touch live KV.
+their K/V into the reserved slot 0, so they never touch live KV. With cascade
+attention each size also has a graph whose attention takes a cascade plan (requests
+sharing a cached prefix read it once per group), replayed when the batch has one.
 """
 
 from __future__ import annotations
@@ -47,25 +49,37 @@ class CudaGraphRunner:
         # The graph's inputs, as the rows of one buffer (the order of
         # ForwardBatch.packed_decode_inputs), so that a replay fills them in one copy.
         # Padded columns: token 0 at position 0 of request row 0, written to slot 0.
-        self.pad_column = torch.tensor([0, 0, 0, self.fill_seq_len, 0], dtype=torch.int64,
-                                       device=dev).view(5, 1)
+        # With cascade attention, four more rows carry a batch's cascade plan
+        # (attention/cascade.py); padded columns are zeros there: no group, empty tiles.
+        self.cascade = model_runner.cascade_planner is not None
+        pad = [0, 0, 0, self.fill_seq_len, 0] + [0] * (4 if self.cascade else 0)
+        self.pad_column = torch.tensor(pad, dtype=torch.int64, device=dev).view(-1, 1)
         self.inputs = self.pad_column.repeat(1, self.max_bs)
         (self.input_ids, self.positions, self.req_pool_indices, self.seq_lens,
-         self.out_cache_loc) = self.inputs.unbind(0)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+         self.out_cache_loc) = self.inputs[:5].unbind(0)
+        # Keyed by (batch size, cascade): a cascade graph of each size from 2 up (a
+        # batch of one shares with no one) sits beside the plain one.
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
         self.pool = None
         model_runner.attn_backend.init_cuda_graph_state(self.max_bs)
         self._capture_all()
 
-    def _batch(self, bs: int) -> ForwardBatch:
+    def _batch(self, bs: int, cascade: bool) -> ForwardBatch:
         mr = self.mr
         return ForwardBatch(
             forward_mode=ForwardMode.DECODE, batch_size=bs, input_ids=self.input_ids[:bs],
             positions=self.positions[:bs], req_pool_indices=self.req_pool_indices[:bs],
             seq_lens=self.seq_lens[:bs], out_cache_loc=self.out_cache_loc[:bs],
             seq_lens_cpu=[self.fill_seq_len] * bs, req_to_token_pool=mr.req_to_token_pool,
-            token_to_kv_pool=mr.token_to_kv_pool, attn_backend=mr.attn_backend)
+            token_to_kv_pool=mr.token_to_kv_pool, attn_backend=mr.attn_backend,
+            cascade_inputs=self.inputs[5:, :bs] if cascade else None)
+
+    def _keys(self) -> list[tuple[int, bool]]:
+        keys = [(bs, False) for bs in self.batch_sizes]
+        if self.cascade:
+            keys += [(bs, True) for bs in self.batch_sizes if bs > 1]
+        return keys
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
@@ -74,15 +88,15 @@ class CudaGraphRunner:
         free_before = torch.cuda.mem_get_info(dev)[0]
         t0 = time.perf_counter()
         # Largest first, so smaller graphs reuse the big one's memory pool.
-        for bs in reversed(self.batch_sizes):
-            self._capture(bs)
+        for key in sorted(self._keys(), reverse=True):
+            self._capture(*key)
         torch.cuda.synchronize(dev)
         used = (free_before - torch.cuda.mem_get_info(dev)[0]) / 2**30
         logger.info("captured %d CUDA graphs (batch 1..%d) in %.1f s using %.2f GiB",
                     len(self.graphs), self.max_bs, time.perf_counter() - t0, used)
 
-    def _capture(self, bs: int) -> None:
-        fb = self._batch(bs)
+    def _capture(self, bs: int, cascade: bool) -> None:
+        fb = self._batch(bs, cascade)
         backend = self.mr.attn_backend
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -97,14 +111,22 @@ class CudaGraphRunner:
             out = self._run_model(fb)
         if self.pool is None:
             self.pool = graph.pool()
-        self.graphs[bs] = graph
-        self.outputs[bs] = out
+        self.graphs[bs, cascade] = graph
+        self.outputs[bs, cascade] = out
 
     def _run_model(self, fb: ForwardBatch) -> torch.Tensor:
         # Swapping in the tokens of the batch still in flight is part of the graph:
         # it costs the host nothing, and the padded / known ids are left as they are.
         input_ids = self.mr.future.resolve(fb.input_ids)
         return self.mr.model(input_ids, fb.positions, fb)
+
+    def _padded(self, bs: int) -> int:
+        return self.batch_sizes[bisect.bisect_left(self.batch_sizes, bs)]
+
+    def runs_cascade(self, bs: int) -> bool:
+        """Whether a decode batch of bs requests with a cascade plan can run: through a
+        cascade graph, or eagerly past the largest graph."""
+        return bs > self.max_bs or (self.cascade and self._padded(bs) > 1)
 
     def can_run(self, fb: ForwardBatch) -> bool:
         # Decode batches from ModelRunner.build_forward_batch carry their inputs packed;
@@ -114,10 +136,12 @@ class CudaGraphRunner:
 
     def replay(self, fb: ForwardBatch) -> torch.Tensor:
         bs = fb.batch_size
-        padded = self.batch_sizes[bisect.bisect_left(self.batch_sizes, bs)]
+        padded = self._padded(bs)
         if padded != bs:
-            self.inputs[:, bs:padded].copy_(self.pad_column.expand(5, padded - bs))
-        self.inputs[:, :bs].copy_(fb.packed_decode_inputs)
-        self.mr.attn_backend.init_forward_metadata_replay_cuda_graph(self._batch(padded))
-        self.graphs[padded].replay()
-        return self.outputs[padded][:bs]
+            self.inputs[:, bs:padded].copy_(self.pad_column.expand(-1, padded - bs))
+        packed = fb.packed_decode_inputs
+        self.inputs[:packed.shape[0], :bs].copy_(packed)
+        key = (padded, fb.cascade_plan is not None)
+        self.mr.attn_backend.init_forward_metadata_replay_cuda_graph(self._batch(*key))
+        self.graphs[key].replay()
+        return self.outputs[key][:bs]

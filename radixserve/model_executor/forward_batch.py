@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
+    from radixserve.layers.attention.cascade import CascadePlan
     from radixserve.layers.attention.base import AttentionBackend
     from radixserve.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 
@@ -57,7 +58,12 @@ class ForwardBatch:
     # Decode only: the device tensor [5, batch] that input_ids, positions,
     # req_pool_indices, seq_lens and out_cache_loc are rows of (in that order), uploaded
     # in one copy; the CUDA graph runner copies it into its buffers in one copy too.
+    # With a cascade plan it has the plan's four rows after those ([9, batch]).
     packed_decode_inputs: torch.Tensor | None = None
+    # Decode only, with a cascade (attention/cascade.py): the plan's host tensors and
+    # its rows on the device (rows 5..8 of packed_decode_inputs).
+    cascade_plan: "CascadePlan | None" = None
+    cascade_inputs: torch.Tensor | None = None
     # Attention backends keep their per-batch metadata here.
     attn_metadata: Any = None
     extra: dict[str, Any] = field(default_factory=dict)

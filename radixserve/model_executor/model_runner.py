@@ -17,6 +17,7 @@ from radixserve.constrained.xgrammar_backend import HostBitmasks
 from radixserve.device_utils import host_to_device, to_device_async
 from radixserve.distributed.parallel_state import get_tp_group, kv_heads_per_rank
 from radixserve.layers.attention.base import AttentionBackend
+from radixserve.layers.attention.cascade import CascadePlan, CascadePlanner
 from radixserve.layers.sampler import Sampler, get_token_logprobs
 from radixserve.managers.schedule_batch import Req, ScheduleBatch
 from radixserve.mem_cache.allocator import TokenToKVPoolAllocator
@@ -107,6 +108,7 @@ class ModelRunner:
         self.model = load_model(server_args, model_config)
         self._init_memory_pools()
         self.attn_backend = self._make_attn_backend()
+        self.cascade_planner = self._make_cascade_planner()
         self.sampler = Sampler()
         self._greedy_info = GreedyInfoCache()
         # Grammar bitmasks, reused across steps; pinned for asynchronous uploads.
@@ -193,6 +195,12 @@ class ModelRunner:
                                      self.device, self.max_context_len)
         raise ValueError(f"unknown attention backend {name!r} (torch_native, triton)")
 
+    def _make_cascade_planner(self) -> CascadePlanner | None:
+        sa, tile = self.server_args, self.attn_backend.cascade_tile_size
+        if tile is None or sa.disable_radix_cache or sa.disable_cascade_attention:
+            return None
+        return CascadePlanner(tile)
+
     # --- MLA (DeepSeek): the compressed KV pool and its backends -------------------
 
     def _make_mla_pool(self, num_slots: int) -> MLATokenToKVPool:
@@ -228,15 +236,20 @@ class ModelRunner:
             seq_lens_cpu = [p + 1 for p in positions]
             host = torch.tensor([[r.output_ids[-1] for r in reqs], positions, rows,
                                  seq_lens_cpu], dtype=torch.int64)
-            packed = to_device_async(torch.cat([host, batch.out_cache_loc.view(1, -1)]), dev)
-            input_ids, positions_d, rows_d, seq_lens, out_loc = packed.unbind(0)
+            parts = [host, batch.out_cache_loc.view(1, -1)]
+            plan = self._cascade_plan(reqs)
+            if plan is not None:
+                parts.append(plan.packed)
+            packed = to_device_async(torch.cat(parts), dev)
+            input_ids, positions_d, rows_d, seq_lens, out_loc = packed[:5].unbind(0)
             return ForwardBatch(
                 forward_mode=ForwardMode.DECODE, batch_size=len(reqs),
                 input_ids=input_ids, positions=positions_d, req_pool_indices=rows_d,
                 seq_lens=seq_lens, out_cache_loc=out_loc,
                 seq_lens_cpu=seq_lens_cpu, req_to_token_pool=self.req_to_token_pool,
                 token_to_kv_pool=self.token_to_kv_pool, attn_backend=self.attn_backend,
-                packed_decode_inputs=packed)
+                packed_decode_inputs=packed, cascade_plan=plan,
+                cascade_inputs=None if plan is None else packed[5:])
         prefix_lens = [r.kv_committed_len for r in reqs]
         ext_lens = [len(r.fill_ids) - p for r, p in zip(reqs, prefix_lens)]
         input_ids: list[int] = []
@@ -263,6 +276,15 @@ class ModelRunner:
             extend_prefix_lens=_tensor(prefix_lens, dev), extend_seq_lens=_tensor(ext_lens, dev),
             extend_start_loc=_tensor(starts, dev), extend_prefix_lens_cpu=prefix_lens,
             extend_seq_lens_cpu=ext_lens, logits_indices=_tensor(logits_rows, dev))
+
+    def _cascade_plan(self, reqs: list[Req]) -> CascadePlan | None:
+        """Shared-prefix groups for a decode batch, if it can run them (a batch that
+        replays a CUDA graph needs a captured cascade graph of its size)."""
+        graphs = self.cuda_graph_runner
+        if self.cascade_planner is None or (graphs is not None
+                                            and not graphs.runs_cascade(len(reqs))):
+            return None
+        return self.cascade_planner.plan([r.last_node for r in reqs])
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         """Hidden states of the rows that need logits: [rows, hidden].

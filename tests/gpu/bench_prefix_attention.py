@@ -7,9 +7,10 @@ Qwen3-0.6B heads (16 query, 8 KV, head_dim 128, bf16). Two parts:
 * extend: 64 requests x 128 new tokens, each on a cached 2,048-token prefix shared by
   16 of them (4 distinct prefixes) -- a prefill step of the cache-on run -- under a few
   tile configurations;
-* decode: batch 512 over 2,300-token contexts, once with 32 groups sharing their
-  2,172-token prefix slots (the cache-on run) and once with every request on its own
-  slots (the cache-off run); "unique KV" is the floor if each shared prefix were read once.
+* decode: batch 512 over 2,300-token contexts: 32 groups sharing their 2,172-token
+  prefix slots (the cache-on run), plainly and as a cascade (each group's prefix
+  attended once for its 16 members), and every request on its own slots (the cache-off
+  run); "unique KV" is the floor if each shared prefix were read once.
 
 Timings are medians of triton.testing.do_bench. Times are per layer; the model has 28.
 """
@@ -26,8 +27,10 @@ import triton.testing
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from radixserve.layers.attention.triton import TritonAttnBackend  # noqa: E402
+from radixserve.layers.attention.cascade import (  # noqa: E402
+    KV_START, PERM, TILE_COUNT, TILE_START, plan_cascade)
 from radixserve.layers.attention.triton_ops.decode_attention import (  # noqa: E402
-    alloc_decode_scratch, decode_attention_fwd)
+    CascadeInputs, alloc_decode_scratch, decode_attention_fwd)
 from radixserve.layers.attention.triton_ops.extend_attention import (  # noqa: E402
     ExtendConfig, extend_attention_fwd)
 
@@ -70,7 +73,8 @@ def bench_decode(batch: int = 512, ctx: int = 2300, shared_len: int = 2172,
     print(f"\ndecode: batch {batch}, context {ctx}")
     print("slots | us | unique KV MB | us at copy bandwidth")
     bandwidth = _copy_bandwidth()
-    for shared in (True, False):
+    for mode in ("shared prefixes", "cascade", "own slots"):
+        shared = mode != "own slots"
         own = ctx - shared_len
         unique = groups * shared_len + batch * own if shared else batch * ctx
         pool_k = torch.randn(unique + 1, KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEV)
@@ -92,13 +96,25 @@ def bench_decode(batch: int = 512, ctx: int = 2300, shared_len: int = 2172,
                                               DEV)
         seq_lens = torch.full((batch,), ctx, device=DEV)
         rows = torch.arange(batch, device=DEV)
-        ms = triton.testing.do_bench(lambda: decode_attention_fwd(
-            q, pool_k, pool_v, out, req_to_token, rows, seq_lens, HEAD_DIM ** -0.5, mid_o,
-            mid_lse))
+        cascade = None
+        if mode == "cascade":
+            plan = plan_cascade([b % groups for b in range(batch)], [shared_len] * batch,
+                                backend.cascade_tile_size)
+            packed = plan.packed.to(DEV)
+            splits = backend.prefix_splits_for(plan.num_tiles, plan.max_prefix)
+            cascade = CascadeInputs(packed[PERM], packed[KV_START],
+                                    packed[TILE_START, :plan.num_tiles],
+                                    packed[TILE_COUNT, :plan.num_tiles],
+                                    *alloc_decode_scratch(batch, HEADS, HEAD_DIM, splits, DEV))
+
+        def run() -> None:
+            decode_attention_fwd(q, pool_k, pool_v, out, req_to_token, rows, seq_lens,
+                                 HEAD_DIM ** -0.5, mid_o, mid_lse, cascade=cascade)
+
+        ms = triton.testing.do_bench(run)
         unique_bytes = unique * KV_BYTES_PER_TOKEN
         floor_us = unique_bytes / bandwidth * 1e6
-        print(f"{'shared prefixes' if shared else 'own slots'} | {ms * 1e3:.0f} | "
-              f"{unique_bytes / 1e6:.0f} | {floor_us:.0f}")
+        print(f"{mode} | {ms * 1e3:.0f} | {unique_bytes / 1e6:.0f} | {floor_us:.0f}")
 
 
 def _copy_bandwidth() -> float:

@@ -198,3 +198,42 @@ def test_cuda_graph_replay_matches_eager() -> None:
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(static_out, eager, rtol=0, atol=0)
+
+
+# --- cascade decode (requests sharing a cached prefix) ----------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads", SHAPES)
+def test_cascade_decode_attention(heads: int, kv_heads: int, dtype: torch.dtype) -> None:
+    """Groups of 1 to 40 requests on prefixes of 1 to 3,001 tokens (groups larger than a
+    tile), next to requests that share nothing, against the plain reference."""
+    from radixserve.layers.attention.cascade import (
+        KV_START, PERM, TILE_COUNT, TILE_START, plan_cascade)
+    from radixserve.layers.attention.triton_ops.decode_attention import (
+        CascadeInputs, cascade_tile_size)
+    from tests.test_cascade_attention import SharedKV
+
+    rng = random.Random(heads)
+    groups = [(3001, lens(40, 1, 300, seed=1)), (0, [2049]), (1, [5, 700]),
+              (517, lens(3, 1, 90, seed=2)), (0, [1]), (2048, lens(17, 1, 4, seed=3))]
+    head_dim = 128
+    kv = SharedKV(groups, kv_heads, head_dim, dtype, seed=rng.randrange(100))
+    batch = len(kv.seq_lens)
+    backend = TritonAttnBackend(heads, kv_heads, head_dim, DEVICE, 8192)
+    plan = plan_cascade(kv.keys, kv.prefix_lens, cascade_tile_size(heads // kv_heads))
+    rows_d = plan.packed.to(DEVICE)
+    pre_splits = backend.prefix_splits_for(plan.num_tiles, plan.max_prefix)
+    cascade = CascadeInputs(rows_d[PERM], rows_d[KV_START], rows_d[TILE_START, :plan.num_tiles],
+                            rows_d[TILE_COUNT, :plan.num_tiles],
+                            *alloc_decode_scratch(batch, heads, head_dim, pre_splits, DEVICE))
+    q = randn(batch, heads, head_dim, dtype=dtype, seed=4)
+    seq = torch.tensor(kv.seq_lens, device=DEVICE)
+    rows = kv.rows.to(DEVICE)
+    k_buf, v_buf = kv.kv_pool.k_buffer[0], kv.kv_pool.v_buffer[0]
+    out = torch.full((batch, heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    mid = alloc_decode_scratch(batch, heads, head_dim, backend.splits_for(batch), DEVICE)
+    decode_attention_fwd(q, k_buf, v_buf, out, kv.req_to_token, rows, seq, head_dim ** -0.5,
+                         *mid, cascade=cascade)
+    ref = decode_attention_reference(q, k_buf, v_buf, kv.req_to_token, rows, seq,
+                                     head_dim ** -0.5)
+    assert rel_err(out, ref) < TOL[dtype]

@@ -20,6 +20,10 @@ class AttentionBackend(ABC):
     Returns [num_tokens, heads * v_head_dim].
     """
 
+    # Backends that decode shared prefixes once per group (see attention/cascade.py)
+    # set this to the requests per cascade tile; None: plain decode only.
+    cascade_tile_size: int | None = None
+
     @abstractmethod
     def init_forward_metadata(self, forward_batch: "ForwardBatch") -> None:
         """Build per-batch metadata once, before the layers run."""

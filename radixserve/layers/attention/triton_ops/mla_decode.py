@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from radixserve.layers.attention.triton_ops.decode_attention import (
-    _LOG2E, _decode_stage2, _split_bounds, min_split_tokens)
+    _LOG2E, _split_bounds, merge_splits, min_split_tokens)
 from radixserve.layers.attention.triton_ops.extend_attention import dot_precision
 
 # Query heads per program. Sixteen is tl.dot's minimum M; more would multiply the
@@ -126,8 +126,5 @@ def mla_decode_fwd(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_buffer: torc
         RANK=rank, ROPE=rope, BLOCK_R=block_r, BLOCK_P=max(16, triton.next_power_of_2(rope)),
         BLOCK_H=MLA_BLOCK_H, PRECISION=dot_precision(q_latent.dtype), num_warps=4,
         num_stages=2, **const)
-    _decode_stage2[(batch, num_heads)](
-        mid_o, mid_lse, out, seq_lens, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-        mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),
-        V_DIM=rank, BLOCK_DV=block_r, num_warps=4, **const)
+    merge_splits(mid_o, mid_lse, out, seq_lens, block_n, const["MIN_SPLIT_TOKENS"])
     return out
