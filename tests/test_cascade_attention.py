@@ -202,7 +202,8 @@ def test_backend_cascade_eager_and_graph_paths() -> None:
 def llama_path(tmp_path_factory):
     from tests.model_factory import make_tiny_checkpoint
 
-    return str(make_tiny_checkpoint("llama", tmp_path_factory.mktemp("llama")))
+    return str(make_tiny_checkpoint("llama", tmp_path_factory.mktemp("llama"),
+                                    with_tokenizer=False))
 
 
 def _shared_prefix_prompts() -> list[list[int]]:
@@ -236,7 +237,9 @@ def test_engine_outputs_equal_with_cascade_off(llama_path, monkeypatch, kwargs):
     monkeypatch.setattr(CascadePlanner, "plan", counting_plan)
     outs = {}
     for off in (False, True):
+        # On a GPU: CUDA graphs up to batch 8, so the batch of 8 replays the cascade graph.
         eng = Engine(model_path=llama_path, attention_backend="triton", max_total_tokens=4096,
+                     skip_tokenizer_init=True, cuda_graph_max_bs=8, dtype="float32",
                      disable_cascade_attention=off, **kwargs)
         outs[off] = [o["output_ids"] for o in eng.generate(input_ids=prompts,
                                                             sampling_params=params)]
