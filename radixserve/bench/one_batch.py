@@ -5,7 +5,8 @@
         --floor --compare-hf
 
 Reports prefill latency and throughput, median decode step latency and throughput; with
---floor, the fraction of the memory floor (decode) and the compute ceiling (prefill)
+--floor, the fraction of the memory floor (decode: the weights a step reads, for MoE only
+the experts its tokens reach, plus the KV cache) and the compute ceiling (prefill)
 measured on this GPU in the same run; with --compare-hf, HF transformers'
 `generate` on the same shapes and the ratio.
 """
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from radixserve.bench.floor import measure_ceilings, model_bytes, model_flops_per_token
+from radixserve.bench.floor import decode_weight_bytes, measure_ceilings, model_flops_per_token
 from radixserve.configs.model_config import ModelConfig
 from radixserve.managers.schedule_batch import Req, ScheduleBatch
 from radixserve.model_executor.forward_batch import ForwardMode
@@ -168,7 +169,6 @@ def _bench(sa: ServerArgs, args: argparse.Namespace) -> None:
     dev = runner.device
     lead = runner.tp_group.rank == 0
     ceilings = measure_ceilings(dev) if args.floor and lead else None
-    weight_bytes = model_bytes(runner.model, mc.tie_word_embeddings)
     kv_per_token = runner._kv_bytes_per_token()
     rows = []
     for input_len in args.input_len:
@@ -184,7 +184,9 @@ def _bench(sa: ServerArgs, args: argparse.Namespace) -> None:
                     int(0.99 * (len(r["decode_steps_s"]) - 1))] * 1e3)
             if ceilings:
                 avg_ctx = input_len + args.output_len / 2
+                weight_bytes = decode_weight_bytes(runner.model, mc, bs)
                 floor_s = (weight_bytes + bs * avg_ctx * kv_per_token) / ceilings["copy_Bps"]
+                row["decode_weight_gb"] = weight_bytes / 1e9
                 row["decode_floor_ms"] = floor_s * 1e3
                 row["decode_frac_of_floor"] = floor_s / med
                 flops = model_flops_per_token(mc) * bs * input_len
@@ -225,7 +227,8 @@ def _print_table(rows: list[dict[str, Any]], ceilings: dict[str, float] | None,
         print(f"copy bandwidth {ceilings['copy_Bps'] / 1e12:.2f} TB/s, "
               f"bf16 matmul {ceilings['matmul_flops'] / 1e12:.0f} TFLOP/s")
     cols = ["batch_size", "input_len", "prefill_tok_s", "decode_median_ms", "decode_tok_s",
-            "decode_frac_of_floor", "prefill_frac_of_ceiling", "hf_tok_s", "speedup_vs_hf"]
+            "decode_floor_ms", "decode_frac_of_floor", "prefill_frac_of_ceiling", "hf_tok_s",
+            "speedup_vs_hf"]
     cols = [c for c in cols if any(c in r for r in rows)]
     print(" | ".join(cols))
     for r in rows:

@@ -1,0 +1,93 @@
+"""The floors of bench/floor.py on tiny dense and MoE models (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixserve.bench.floor import (decode_weight_bytes, expected_experts_hit,
+                                    model_flops_per_token)
+from radixserve.configs.model_config import ModelConfig
+from radixserve.layers.moe import FusedMoE
+from radixserve.models.registry import get_model_class
+from tests.model_factory import ARCHS, tiny_config
+from tests.moe_factory import MOE_ARCHS, tiny_moe_config
+
+
+def _model(config) -> tuple[torch.nn.Module, ModelConfig]:
+    torch.manual_seed(0)
+    model = get_model_class(config.architectures[0])(config)
+    return model, ModelConfig(model_path="tiny", hf_config=config, dtype=torch.float32,
+                              context_len=1024)
+
+
+def _config(arch: str):
+    config = tiny_moe_config(arch) if arch in MOE_ARCHS else tiny_config(arch)
+    config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
+    return config
+
+
+def test_expected_experts_hit() -> None:
+    assert expected_experts_hit(128, 8, 1) == pytest.approx(8)
+    assert expected_experts_hit(128, 8, 2) == pytest.approx(8 + 8 * 120 / 128)
+    assert expected_experts_hit(128, 8, 64) == pytest.approx(125.9, abs=0.1)
+    assert expected_experts_hit(128, 8, 4096) == pytest.approx(128)
+
+
+def test_moe_decode_bytes_at_batch_1_are_the_hand_count() -> None:
+    """Qwen3-MoE, float32: attention + q/k norms + layer norms + router + top_k of the
+    experts per layer, the final norm and the untied LM head; no embedding."""
+    cfg = tiny_moe_config("qwen3-moe")
+    cfg.architectures = ["Qwen3MoeForCausalLM"]
+    model, mc = _model(cfg)
+    h, d, heads, kv = 64, 32, 4, 2
+    e, k, inter, vocab, layers = 8, 3, 32, 49152, 2
+    assert (cfg.hidden_size, cfg.head_dim, cfg.num_experts, cfg.num_experts_per_tok,
+            cfg.moe_intermediate_size, cfg.num_hidden_layers) == (h, d, e, k, inter, layers)
+    attention = h * (heads + 2 * kv) * d + heads * d * h + 2 * d
+    per_layer = attention + 2 * h + h * e + k * 3 * h * inter
+    expected = 4 * (layers * per_layer + h + vocab * h)
+    assert decode_weight_bytes(model, mc, 1) == pytest.approx(expected)
+    # Many tokens reach every expert: all weights but the embedding.
+    everything = sum(p.numel() * 4 for n, p in model.named_parameters() if "embed" not in n)
+    assert decode_weight_bytes(model, mc, 10_000) == pytest.approx(everything)
+    by_batch = [decode_weight_bytes(model, mc, b) for b in (1, 2, 8, 64)]
+    assert by_batch == sorted(by_batch) and by_batch[-1] < everything
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dense_floor_is_unchanged(arch: str) -> None:
+    """Every weight but an untied embedding at any batch, and the dense FLOP formula."""
+    model, mc = _model(_config(arch))
+    seen, old_bytes = set(), 0
+    for name, p in model.named_parameters():
+        if p.data_ptr() in seen or ("embed_tokens" in name and not mc.tie_word_embeddings):
+            continue
+        seen.add(p.data_ptr())
+        old_bytes += p.numel() * p.element_size()
+    assert decode_weight_bytes(model, mc, 1) == old_bytes
+    assert decode_weight_bytes(model, mc, 256) == old_bytes
+    h, q, kv = mc.hidden_size, mc.num_attention_heads * mc.head_dim, mc.num_key_value_heads * mc.head_dim
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * mc.hf_config.intermediate_size
+    assert model_flops_per_token(mc) == 2.0 * (mc.num_hidden_layers * per_layer + h * mc.vocab_size)
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS + ["llama-tied", "qwen3"])
+def test_flops_count_the_matrices_a_token_touches(arch: str) -> None:
+    """The config-based count equals 2 × the model's own matrices, routed experts
+    scaled by top_k / E (norms, biases and V3's score bias are not matmuls; the input
+    embedding is a lookup unless it is the tied LM head). Covers Qwen2-MoE's shared
+    expert and dense layer, DeepSeek's MLA, shared experts and first dense layer."""
+    model, mc = _model(_config(arch))
+    experts = {id(p): m.num_experts for m in model.modules() if isinstance(m, FusedMoE)
+               for p in m.parameters(recurse=False)}
+    top_k = getattr(mc.hf_config, "num_experts_per_tok", 0)
+    seen, weights = set(), 0.0
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        if "embed_tokens" in name and not mc.tie_word_embeddings:
+            continue
+        weights += p.numel() * (top_k / experts[id(p)] if id(p) in experts else 1.0)
+    assert model_flops_per_token(mc) == pytest.approx(2 * weights)
