@@ -1,17 +1,25 @@
-"""The floors of bench/floor.py on tiny dense and MoE models (CPU)."""
+"""The floors of bench/floor.py on tiny dense and MoE models, and --compare-hf of
+bench.one_batch and bench.offline_throughput end to end on a tiny Qwen3-MoE (CPU): HF
+is only ever built once none of our runners is alive."""
 
 from __future__ import annotations
+
+import gc
+import json
 
 import pytest
 import torch
 
+from radixserve.bench import hf_baseline, offline_throughput, one_batch
 from radixserve.bench.floor import (decode_weight_bytes, expected_experts_hit,
                                     model_flops_per_token)
 from radixserve.configs.model_config import ModelConfig
 from radixserve.layers.moe import FusedMoE
+from radixserve.model_executor.model_runner import ModelRunner
 from radixserve.models.registry import get_model_class
 from tests.model_factory import ARCHS, tiny_config
-from tests.moe_factory import MOE_ARCHS, tiny_moe_config
+from tests.moe_factory import MOE_ARCHS, make_tiny_moe_checkpoint, one_thread  # noqa: F401
+from tests.moe_factory import tiny_moe_config
 
 
 def _model(config) -> tuple[torch.nn.Module, ModelConfig]:
@@ -91,3 +99,56 @@ def test_flops_count_the_matrices_a_token_touches(arch: str) -> None:
             continue
         weights += p.numel() * (top_k / experts[id(p)] if id(p) in experts else 1.0)
     assert model_flops_per_token(mc) == pytest.approx(2 * weights)
+
+
+def _live_runners() -> int:
+    gc.collect()
+    return sum(type(o) is ModelRunner for o in gc.get_objects())
+
+
+@pytest.fixture
+def hf_built_alone(monkeypatch) -> list[int]:
+    """Records how many runners of the benchmark are alive each time it builds HF."""
+    alive: list[int] = []
+    build = hf_baseline.build_hf_model
+    before = _live_runners()  # other tests' module-scoped engines
+
+    def checked(*args, **kwargs):
+        alive.append(_live_runners() - before)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(one_batch, "build_hf_model", checked)
+    monkeypatch.setattr(offline_throughput, "build_hf_model", checked)
+    return alive
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory) -> str:
+    return str(make_tiny_moe_checkpoint("qwen3-moe", tmp_path_factory.mktemp("qwen3-moe"),
+                                        with_tokenizer=False))
+
+
+def test_one_batch_compare_hf_end_to_end(tiny_moe: str, hf_built_alone: list[int],
+                                         tmp_path) -> None:
+    out = tmp_path / "rows.jsonl"
+    one_batch.main(["--model-path", tiny_moe, "--dtype", "float32", "--batch-size", "1", "3",
+                    "--input-len", "5", "--output-len", "6", "--compare-hf",
+                    "--hf-batch-size", "3", "--hf-output-len", "4", "--result-file", str(out)])
+    assert hf_built_alone == [0]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["batch_size"] for r in rows] == [1, 3]
+    assert "hf_tok_s" not in rows[0]
+    assert rows[1]["hf_output_len"] == 4 and rows[1]["hf_tok_s"] > 0
+    assert rows[1]["speedup_vs_hf"] == pytest.approx(rows[1]["ours_e2e_tok_s"] / rows[1]["hf_tok_s"])
+
+
+def test_offline_compare_hf_end_to_end(tiny_moe: str, hf_built_alone: list[int],
+                                       tmp_path) -> None:
+    out = tmp_path / "row.jsonl"
+    offline_throughput.main(["--model-path", tiny_moe, "--dtype", "float32",
+                             "--num-prompts", "4", "--input-range", "5", "9",
+                             "--output-range", "2", "5", "--compare-hf", "--hf-num-prompts",
+                             "2", "--result-file", str(out)])
+    assert hf_built_alone == [0]
+    row = json.loads(out.read_text())
+    assert row["hf_requests"] == 2 and row["output_tokens"] > 0 and row["speedup_vs_hf"] > 0
