@@ -152,3 +152,19 @@ def test_offline_compare_hf_end_to_end(tiny_moe: str, hf_built_alone: list[int],
     assert hf_built_alone == [0]
     row = json.loads(out.read_text())
     assert row["hf_requests"] == 2 and row["output_tokens"] > 0 and row["speedup_vs_hf"] > 0
+
+
+def test_one_batch_prefills_in_batches_of_max_prefill_tokens(tiny_moe: str,
+                                                             monkeypatch) -> None:
+    """Five requests of 7 tokens under a 16-token budget: forwards of 2, 2 and 1."""
+    from radixserve.server_args import ServerArgs
+
+    sa = ServerArgs(model_path=tiny_moe, dtype="float32", max_prefill_tokens=16,
+                    max_total_tokens=256, max_running_requests=5, skip_tokenizer_init=True)
+    runner = ModelRunner(sa, ModelConfig.from_server_args(sa))
+    sizes = []
+    forward = runner.forward_batch_generation
+    monkeypatch.setattr(runner, "forward_batch_generation",
+                        lambda batch: sizes.append(len(batch.reqs)) or forward(batch))
+    r = one_batch.run_one(runner, 5, 7, 3)
+    assert sizes == [2, 2, 1, 5, 5] and len(r["decode_steps_s"]) == 2

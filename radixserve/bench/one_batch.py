@@ -72,16 +72,7 @@ def run_one(runner: ModelRunner, bs: int, input_len: int, output_len: int,
     reqs = _make_reqs(bs, input_len, runner.model_config.vocab_size, seed)
     for r in reqs:
         r.req_pool_idx = runner.req_to_token_pool.alloc()
-    locs = torch.cat([_alloc(runner, r, input_len) for r in reqs])
-    batch = ScheduleBatch(reqs, ForwardMode.EXTEND, out_cache_loc=locs)
-    _sync(dev)
-    t0 = time.perf_counter()
-    res = runner.forward_batch_generation(batch)
-    _sync(dev)
-    prefill = time.perf_counter() - t0
-    for r, tok in zip(reqs, res.next_token_ids):
-        r.kv_committed_len = len(r.fill_ids)
-        r.output_ids.append(tok)
+    prefill = _prefill(runner, reqs, input_len)
     steps = []
     for _ in range(output_len - 1):
         for r in reqs:
@@ -97,6 +88,28 @@ def run_one(runner: ModelRunner, bs: int, input_len: int, output_len: int,
             r.kv_committed_len += 1
             r.output_ids.append(tok)
     return {"prefill_s": prefill, "decode_steps_s": steps}
+
+
+def _prefill(runner: ModelRunner, reqs: list[Req], input_len: int) -> float:
+    """Prefill whole requests, at most --max-prefill-tokens per forward as the scheduler
+    admits them (one forward of 256 x 512 tokens would need GBs of activations next to a
+    30B MoE); returns the summed forward times."""
+    dev = runner.device
+    per_forward = max(1, runner.server_args.max_prefill_tokens // input_len)
+    total = 0.0
+    for start in range(0, len(reqs), per_forward):
+        group = reqs[start:start + per_forward]
+        locs = torch.cat([_alloc(runner, r, input_len) for r in group])
+        batch = ScheduleBatch(group, ForwardMode.EXTEND, out_cache_loc=locs)
+        _sync(dev)
+        t0 = time.perf_counter()
+        res = runner.forward_batch_generation(batch)
+        _sync(dev)
+        total += time.perf_counter() - t0
+        for r, tok in zip(group, res.next_token_ids):
+            r.kv_committed_len = len(r.fill_ids)
+            r.output_ids.append(tok)
+    return total
 
 
 def allreduce_step_s(runner: ModelRunner, bs: int, iters: int = 20) -> float:
