@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     row: dict[str, Any] = {"dataset": args.dataset, "requests": len(prompts)}
     if not args.hf_only:
         row.update(_run_ours(kwargs, prompts, outs, must_compute, args.compare_no_cache))
+        print(json.dumps(row), flush=True)  # ours stays on record if HF (slow) is cut short
     if args.compare_hf or args.hf_only:
         n = args.hf_num_prompts or len(prompts)
         free_device_memory(sa.device)  # our engines are shut down: HF gets the whole GPU
