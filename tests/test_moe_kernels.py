@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers as tf
 
 from radixserve.layers.moe import FusedMoE, RoutingConfig, fused_experts_reference, select_experts
 from radixserve.layers.moe.fused_moe_triton import fused_experts_triton, moe_align_block_size
-from radixserve.layers.moe.tuned_configs import MoEKernelConfig
+from radixserve.layers.moe import tuned_configs
+from radixserve.layers.moe.tuned_configs import (MoEKernelConfig, format_tuned,
+                                                 get_moe_config, tuned_from_json,
+                                                 tuned_tables)
 
 # On a CUDA machine the same tests run the compiled kernel.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,6 +74,24 @@ def test_fused_moe_tp_slices_reassemble() -> None:
     w = torch.rand(5, 2)
     parts = [fused_experts_reference(x, m.w13_weight, m.w2_weight, w, ids) for m in layers]
     torch.testing.assert_close(parts[1] + parts[2], parts[0], rtol=1e-5, atol=1e-5)
+
+
+def test_tuned_tables_load_round_trip_and_pick_buckets(monkeypatch) -> None:
+    """The shipped Qwen3-30B-A3B H100 table loads; what bench_moe.py --write writes
+    reads back the same (extra fields ignored); a batch uses the first bucket whose
+    max_tokens is >= its tokens, the last bucket beyond."""
+    key = ("NVIDIA H100 80GB HBM3", "bfloat16", 128, 768, 2048, 8)
+    table = tuned_tables()[key]
+    text = format_tuned(key, table, "note", {16: {"ms": 0.1, "tuned_at_tokens": 16}})
+    assert tuned_from_json(json.loads(text)) == (key, table)
+    monkeypatch.setattr(tuned_configs, "_device_name", lambda index: key[0])
+    bounds = sorted(table)
+    for tokens, bound in ((1, bounds[0]), (bounds[0], bounds[0]), (bounds[0] + 1, bounds[1]),
+                          (bounds[-2] + 1, bounds[-1]), (1 << 20, bounds[-1])):
+        got = get_moe_config(128, 768, 2048, 8, tokens, torch.bfloat16, torch.device("cuda", 0))
+        assert got == table[bound], tokens
+    other = get_moe_config(64, 768, 2048, 8, 1, torch.bfloat16, torch.device("cuda", 0))
+    assert other == tuned_configs._default(1, 8, 64, torch.device("cuda", 0))
 
 
 def test_expert_checkpoint_names() -> None:

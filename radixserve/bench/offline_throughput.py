@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from radixserve.bench.hf_baseline import build_hf_model, free_device_memory
 from radixserve.configs.model_config import ModelConfig
 from radixserve.engine import Engine
 from radixserve.server_args import ServerArgs
@@ -71,11 +72,7 @@ def hf_throughput(model_path: str, dtype: torch.dtype, device: str, prompts: lis
                   outs: list[int], batch_size: int) -> dict[str, Any]:
     """HF transformers `generate` on the same requests, `batch_size` at a time, left-padded;
     each batch runs to its longest output (HF has no continuous batching)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_path)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    model = build_hf_model(model_path, dtype, device)
     useful = 0
     t0 = time.perf_counter()
     for start in range(0, len(prompts), batch_size):
@@ -162,10 +159,10 @@ def main(argv: list[str] | None = None) -> None:
     row: dict[str, Any] = {"dataset": args.dataset, "requests": len(prompts)}
     if not args.hf_only:
         row.update(_run_ours(kwargs, prompts, outs, must_compute, args.compare_no_cache))
+        print(json.dumps(row), flush=True)  # ours stays on record if HF (slow) is cut short
     if args.compare_hf or args.hf_only:
         n = args.hf_num_prompts or len(prompts)
-        if sa.device == "cuda":
-            torch.cuda.empty_cache()
+        free_device_memory(sa.device)  # our engines are shut down: HF gets the whole GPU
         row.update(hf_throughput(sa.model_path, sa.torch_dtype, sa.device, prompts[:n],
                                  outs[:n], args.hf_batch_size))
         if "output_tok_s" in row:

@@ -5,9 +5,13 @@
         --floor --compare-hf
 
 Reports prefill latency and throughput, median decode step latency and throughput; with
---floor, the fraction of the memory floor (decode) and the compute ceiling (prefill)
-measured on this GPU in the same run; with --compare-hf, HF transformers'
-`generate` on the same shapes and the ratio.
+--floor, the fraction of the memory floor (decode: the weights a step reads, for MoE only
+the experts its tokens reach, plus the KV cache) and the compute ceiling (prefill)
+measured on this GPU in the same run; with --compare-hf, HF transformers' `generate` on
+the same shapes and the ratio. HF runs after ours, in the same process, once our runner
+is gone: a 30B MoE does not fit on one GPU twice. `--hf-batch-size` and
+`--hf-output-len` limit HF (slow) to some of the shapes and fewer tokens; the ratio
+compares it with ours over the same tokens (our prefill plus as many decode steps).
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from typing import Any
 
 import torch
 
-from radixserve.bench.floor import measure_ceilings, model_bytes, model_flops_per_token
+from radixserve.bench.floor import decode_weight_bytes, measure_ceilings, model_flops_per_token
+from radixserve.bench.hf_baseline import build_hf_model, free_device_memory
 from radixserve.configs.model_config import ModelConfig
+from radixserve.distributed.parallel_state import get_tp_group
 from radixserve.managers.schedule_batch import Req, ScheduleBatch
 from radixserve.model_executor.forward_batch import ForwardMode
 from radixserve.model_executor.model_runner import ModelRunner
@@ -66,16 +72,7 @@ def run_one(runner: ModelRunner, bs: int, input_len: int, output_len: int,
     reqs = _make_reqs(bs, input_len, runner.model_config.vocab_size, seed)
     for r in reqs:
         r.req_pool_idx = runner.req_to_token_pool.alloc()
-    locs = torch.cat([_alloc(runner, r, input_len) for r in reqs])
-    batch = ScheduleBatch(reqs, ForwardMode.EXTEND, out_cache_loc=locs)
-    _sync(dev)
-    t0 = time.perf_counter()
-    res = runner.forward_batch_generation(batch)
-    _sync(dev)
-    prefill = time.perf_counter() - t0
-    for r, tok in zip(reqs, res.next_token_ids):
-        r.kv_committed_len = len(r.fill_ids)
-        r.output_ids.append(tok)
+    prefill = _prefill(runner, reqs, input_len)
     steps = []
     for _ in range(output_len - 1):
         for r in reqs:
@@ -91,6 +88,28 @@ def run_one(runner: ModelRunner, bs: int, input_len: int, output_len: int,
             r.kv_committed_len += 1
             r.output_ids.append(tok)
     return {"prefill_s": prefill, "decode_steps_s": steps}
+
+
+def _prefill(runner: ModelRunner, reqs: list[Req], input_len: int) -> float:
+    """Prefill whole requests, at most --max-prefill-tokens per forward as the scheduler
+    admits them (one forward of 256 x 512 tokens would need GBs of activations next to a
+    30B MoE); returns the summed forward times."""
+    dev = runner.device
+    per_forward = max(1, runner.server_args.max_prefill_tokens // input_len)
+    total = 0.0
+    for start in range(0, len(reqs), per_forward):
+        group = reqs[start:start + per_forward]
+        locs = torch.cat([_alloc(runner, r, input_len) for r in group])
+        batch = ScheduleBatch(group, ForwardMode.EXTEND, out_cache_loc=locs)
+        _sync(dev)
+        t0 = time.perf_counter()
+        res = runner.forward_batch_generation(batch)
+        _sync(dev)
+        total += time.perf_counter() - t0
+        for r, tok in zip(group, res.next_token_ids):
+            r.kv_committed_len = len(r.fill_ids)
+            r.output_ids.append(tok)
+    return total
 
 
 def allreduce_step_s(runner: ModelRunner, bs: int, iters: int = 20) -> float:
@@ -110,15 +129,11 @@ def allreduce_step_s(runner: ModelRunner, bs: int, iters: int = 20) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def hf_generate_tok_s(model_path: str, dtype: torch.dtype, device: str, bs: int,
-                      input_len: int, output_len: int) -> float:
-    """HF transformers `generate` (eager, dynamic cache, greedy) on random weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_path)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype).eval()
-    ids = torch.randint(0, config.vocab_size, (bs, input_len), device=device)
+def hf_generate_tok_s(model: torch.nn.Module, device: str, bs: int, input_len: int,
+                      output_len: int) -> float:
+    """HF transformers `generate` (eager, dynamic cache, greedy): output tokens/s of one
+    batch, prefill included."""
+    ids = torch.randint(0, model.config.vocab_size, (bs, input_len), device=device)
     kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
                   attention_mask=torch.ones_like(ids), pad_token_id=0)
     with torch.no_grad():
@@ -127,11 +142,7 @@ def hf_generate_tok_s(model_path: str, dtype: torch.dtype, device: str, bs: int,
         t0 = time.perf_counter()
         model.generate(ids, **kwargs)
         _sync(torch.device(device))
-    elapsed = time.perf_counter() - t0
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return bs * output_len / elapsed
+    return bs * output_len / (time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,6 +153,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--floor", action="store_true")
     parser.add_argument("--compare-hf", action="store_true")
+    parser.add_argument("--hf-batch-size", type=int, nargs="+", default=None,
+                        help="run HF only at these of the batch sizes (default: all)")
+    parser.add_argument("--hf-output-len", type=int, default=None,
+                        help="HF generates this many tokens (default: --output-len)")
     parser.add_argument("--result-file", default=None, help="append JSON lines here")
     ServerArgs.add_cli_args(parser)
     args = parser.parse_args(argv)
@@ -163,28 +178,50 @@ def main(argv: list[str] | None = None) -> None:
 
 def _bench(sa: ServerArgs, args: argparse.Namespace) -> None:
     """The benchmark on this rank; only TP rank 0 reports."""
+    lead = get_tp_group().rank == 0
+    # Measured before the runner exists: the 2 GiB copy needs memory the KV pool takes.
+    ceilings = measure_ceilings(torch.device(sa.device)) if args.floor and lead else None
     mc = ModelConfig.from_server_args(sa)
+    rows, header = _measure_ours(sa, mc, args, ceilings, lead)
+    if not lead:
+        return
+    if args.compare_hf:
+        free_device_memory(sa.device)  # the runner went out of scope with _measure_ours
+        _measure_hf(rows, sa, mc, args)
+    _print_table(rows, ceilings, header)
+    if args.result_file:
+        with open(args.result_file, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps({**row, "model": sa.model_path,
+                                    "device": _device_name(torch.device(sa.device))}) + "\n")
+
+
+def _measure_ours(sa: ServerArgs, mc: ModelConfig, args: argparse.Namespace,
+                  ceilings: dict[str, float] | None, lead: bool
+                  ) -> tuple[list[dict[str, Any]], str]:
+    """Our rows and the table's header line. The runner lives only in here, so that
+    when this returns its weights, KV pool and CUDA graphs can be freed."""
     runner = ModelRunner(sa, mc)
-    dev = runner.device
-    lead = runner.tp_group.rank == 0
-    ceilings = measure_ceilings(dev) if args.floor and lead else None
-    weight_bytes = model_bytes(runner.model, mc.tie_word_embeddings)
     kv_per_token = runner._kv_bytes_per_token()
+    hf_len = min(args.hf_output_len or args.output_len, args.output_len)
     rows = []
     for input_len in args.input_len:
         for bs in args.batch_size:
             run_one(runner, bs, input_len, min(args.output_len, 8))  # warm up
             r = run_one(runner, bs, input_len, args.output_len)
-            med = statistics.median(r["decode_steps_s"]) if r["decode_steps_s"] else float("nan")
+            steps = r["decode_steps_s"]
+            med = statistics.median(steps) if steps else float("nan")
             row: dict[str, Any] = dict(
                 batch_size=bs, input_len=input_len, output_len=args.output_len,
                 prefill_latency_s=r["prefill_s"], prefill_tok_s=bs * input_len / r["prefill_s"],
                 decode_median_ms=med * 1e3, decode_tok_s=bs / med,
-                p99_decode_ms=sorted(r["decode_steps_s"])[
-                    int(0.99 * (len(r["decode_steps_s"]) - 1))] * 1e3)
+                p99_decode_ms=sorted(steps)[int(0.99 * (len(steps) - 1))] * 1e3 if steps
+                else float("nan"))
             if ceilings:
                 avg_ctx = input_len + args.output_len / 2
+                weight_bytes = decode_weight_bytes(runner.model, mc, bs)
                 floor_s = (weight_bytes + bs * avg_ctx * kv_per_token) / ceilings["copy_Bps"]
+                row["decode_weight_gb"] = weight_bytes / 1e9
                 row["decode_floor_ms"] = floor_s * 1e3
                 row["decode_frac_of_floor"] = floor_s / med
                 flops = model_flops_per_token(mc) * bs * input_len
@@ -194,23 +231,32 @@ def _bench(sa: ServerArgs, args: argparse.Namespace) -> None:
                 ar = allreduce_step_s(runner, bs)
                 row["allreduce_ms_per_step"] = ar * 1e3
                 row["allreduce_share"] = ar / med
-            if args.compare_hf and lead:
-                hf = hf_generate_tok_s(sa.model_path, runner.dtype, str(dev), bs, input_len,
-                                       args.output_len)
-                row["hf_tok_s"] = hf
-                row["ours_e2e_tok_s"] = bs * args.output_len / (r["prefill_s"] + sum(r["decode_steps_s"]))
-                row["speedup_vs_hf"] = row["ours_e2e_tok_s"] / hf
+            if args.compare_hf:
+                # Ours over the tokens HF makes: the prefill and hf_len - 1 decode steps.
+                row["ours_e2e_tok_s"] = bs * hf_len / (r["prefill_s"] + sum(steps[:hf_len - 1]))
             rows.append(row)
             if lead:
                 print(json.dumps(row), flush=True)
-    if not lead:
-        return
-    _print_table(rows, ceilings, runner, sa)
-    if args.result_file:
-        with open(args.result_file, "a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps({**row, "model": sa.model_path,
-                                    "device": _device_name(dev)}) + "\n")
+    header = (f"model={sa.model_path} device={_device_name(runner.device)} dtype={runner.dtype} "
+              f"attention={sa.attention_backend} cuda_graph={runner.cuda_graph_runner is not None}")
+    return rows, header
+
+
+def _measure_hf(rows: list[dict[str, Any]], sa: ServerArgs, mc: ModelConfig,
+                args: argparse.Namespace) -> None:
+    """Adds HF's figures to the rows of the batch sizes it runs at."""
+    wanted = set(args.hf_batch_size or args.batch_size)
+    hf_len = min(args.hf_output_len or args.output_len, args.output_len)
+    model = build_hf_model(sa.model_path, mc.dtype, sa.device)
+    for row in rows:
+        if row["batch_size"] not in wanted:
+            continue
+        hf = hf_generate_tok_s(model, sa.device, row["batch_size"], row["input_len"], hf_len)
+        row["hf_tok_s"] = hf
+        row["hf_output_len"] = hf_len
+        row["speedup_vs_hf"] = row["ours_e2e_tok_s"] / hf
+        print(json.dumps({k: row[k] for k in ("batch_size", "input_len", "hf_output_len",
+                                              "hf_tok_s", "speedup_vs_hf")}), flush=True)
 
 
 def _device_name(dev: torch.device) -> str:
@@ -218,14 +264,14 @@ def _device_name(dev: torch.device) -> str:
 
 
 def _print_table(rows: list[dict[str, Any]], ceilings: dict[str, float] | None,
-                 runner: ModelRunner, sa: ServerArgs) -> None:
-    print(f"\nmodel={sa.model_path} device={_device_name(runner.device)} dtype={runner.dtype} "
-          f"attention={sa.attention_backend} cuda_graph={runner.cuda_graph_runner is not None}")
+                 header: str) -> None:
+    print(f"\n{header}")
     if ceilings:
         print(f"copy bandwidth {ceilings['copy_Bps'] / 1e12:.2f} TB/s, "
               f"bf16 matmul {ceilings['matmul_flops'] / 1e12:.0f} TFLOP/s")
     cols = ["batch_size", "input_len", "prefill_tok_s", "decode_median_ms", "decode_tok_s",
-            "decode_frac_of_floor", "prefill_frac_of_ceiling", "hf_tok_s", "speedup_vs_hf"]
+            "decode_floor_ms", "decode_frac_of_floor", "prefill_frac_of_ceiling", "hf_tok_s",
+            "speedup_vs_hf"]
     cols = [c for c in cols if any(c in r for r in rows)]
     print(" | ".join(cols))
     for r in rows:

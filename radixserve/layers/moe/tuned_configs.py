@@ -1,19 +1,22 @@
 """Block sizes for the fused MoE kernel, by problem shape and token count.
 
-`TUNED[(device, dtype, E, I, H, top_k)]` maps a token-count bucket to a config; the
-first bucket >= the batch's tokens is used. `tests/gpu/bench_moe.py --tune` sweeps the
-candidates on a GPU and prints entries in this format to paste here.
-
-The Qwen3-30B-A3B entries (128 experts, I=768 per rank at tp 1, H=2048, top-8) are
-starting points chosen by shape, not yet measured: few tokens per expert wants a small
-BLOCK_M (most blocks are padding otherwise) and wide N/K tiles to stream weights; many
-tokens per expert wants the large square tiles of a dense GEMM.
+Tuned tables live in `tuned/*.json`, one file per (device, dtype, E, I, H, top_k), as
+`tests/gpu/bench_moe.py --tune --write` writes them (`tuned_file_name`): a list of
+buckets, each with the block sizes and its `max_tokens` (null for the last); a batch of
+T tokens uses the first bucket with max_tokens >= T. Without a file for the shape on
+this GPU, `_default` picks by tokens per expert: few want a small BLOCK_M (most blocks
+are padding otherwise) and wide N/K tiles to stream weights; many want the large square
+tiles of a dense GEMM.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import json
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,17 +31,50 @@ class MoEKernelConfig:
     num_stages: int = 3
 
 
-_QWEN3_30B_A3B_H100 = {
-    16: MoEKernelConfig(16, 64, 128, 1, 4, 4),
-    64: MoEKernelConfig(16, 128, 128, 1, 4, 3),
-    256: MoEKernelConfig(32, 128, 64, 8, 4, 3),
-    1024: MoEKernelConfig(64, 128, 64, 8, 4, 3),
-    1 << 62: MoEKernelConfig(128, 128, 64, 8, 8, 3),
-}
+_TUNED_DIR = Path(__file__).with_name("tuned")
+_NO_LIMIT = 1 << 62
+_FIELDS = [f.name for f in fields(MoEKernelConfig)]
 
-TUNED: dict[tuple[str, str, int, int, int, int], dict[int, MoEKernelConfig]] = {
-    ("NVIDIA H100 80GB HBM3", "bfloat16", 128, 768, 2048, 8): _QWEN3_30B_A3B_H100,
-}
+TunedKey = tuple[str, str, int, int, int, int]  # device, dtype, E, I, H, top_k
+
+
+def tuned_file_name(key: TunedKey) -> str:
+    device, dtype, num_experts, inter, hidden, top_k = key
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    return f"{slug}_{dtype}_e{num_experts}_i{inter}_h{hidden}_k{top_k}.json"
+
+
+def format_tuned(key: TunedKey, buckets: dict[int, MoEKernelConfig], note: str,
+                 extra: dict[int, dict[str, Any]] | None = None) -> str:
+    """A tuned file's text, one bucket a line; `extra` adds fields to a bucket (kept
+    for the reader, ignored when loading)."""
+    device, dtype, num_experts, inter, hidden, top_k = key
+    head = {"device": device, "dtype": dtype, "num_experts": num_experts,
+            "intermediate_size": inter, "hidden_size": hidden, "top_k": top_k, "note": note}
+    rows = [{"max_tokens": None if bound >= _NO_LIMIT else bound, **asdict(cfg),
+             **(extra or {}).get(bound, {})} for bound, cfg in sorted(buckets.items())]
+    lines = [f" {json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()]
+    body = ",\n".join(f"  {json.dumps(r)}" for r in rows)
+    return "{\n" + "\n".join(lines) + '\n "buckets": [\n' + body + "\n ]\n}\n"
+
+
+def tuned_from_json(data: dict[str, Any]) -> tuple[TunedKey, dict[int, MoEKernelConfig]]:
+    key = (data["device"], data["dtype"], data["num_experts"], data["intermediate_size"],
+           data["hidden_size"], data["top_k"])
+    buckets = {_NO_LIMIT if b["max_tokens"] is None else b["max_tokens"]:
+               MoEKernelConfig(**{f: b[f] for f in _FIELDS}) for b in data["buckets"]}
+    if _NO_LIMIT not in buckets:
+        raise ValueError(f"{tuned_file_name(key)}: the last bucket needs max_tokens null")
+    return key, buckets
+
+
+@functools.cache
+def tuned_tables() -> dict[TunedKey, dict[int, MoEKernelConfig]]:
+    tables = {}
+    for path in sorted(_TUNED_DIR.glob("*.json")):
+        key, buckets = tuned_from_json(json.loads(path.read_text(encoding="utf-8")))
+        tables[key] = buckets
+    return tables
 
 
 def _default(tokens: int, top_k: int, num_experts: int, device: torch.device
@@ -61,7 +97,7 @@ def get_moe_config(num_experts: int, inter: int, hidden: int, top_k: int, tokens
     if device.type == "cuda":
         key = (_device_name(device.index), str(dtype).removeprefix("torch."),
                num_experts, inter, hidden, top_k)
-        table = TUNED.get(key)
+        table = tuned_tables().get(key)
         if table is not None:
             return table[min(b for b in table if b >= tokens)]
     return _default(tokens, top_k, num_experts, device)
