@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from radixserve.layers.triton_kernels.pdl import pdl_kwargs, pdl_launch_dependents, pdl_wait
+
 MAX_M = 16
 
 
@@ -39,9 +41,10 @@ class GemvConfig:
 def _gemv_kernel(X, W, Bias, Out, Part, M, N, K, k_per_split, stride_xm, stride_wn, stride_om,
                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr,
                  EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    pdl_wait(USE_PDL)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
@@ -68,6 +71,7 @@ def _gemv_kernel(X, W, Bias, Out, Part, M, N, K, k_per_split, stride_xm, stride_
         else:
             x = tl.load(X + offs_k, mask=offs_k < K, other=0.0)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    pdl_launch_dependents(USE_PDL)
     if USE_DOT:
         out = acc
     else:
@@ -85,9 +89,10 @@ def _gemv_kernel(X, W, Bias, Out, Part, M, N, K, k_per_split, stride_xm, stride_
 
 @triton.jit
 def _splitk_reduce_kernel(Part, Bias, Out, M, N, stride_om, SPLIT_K: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
+    pdl_wait(USE_PDL)
     total = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in tl.static_range(SPLIT_K):  # fixed order: the same sum on every run
         total += tl.load(Part + s * M * N + offs, mask=mask, other=0.0)
@@ -144,12 +149,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         out.stride(0), HAS_BIAS=bias is not None, SPLIT=split_k > 1, USE_DOT=cfg.use_dot,
         EVEN_K=k % cfg.block_k == 0, BLOCK_M=MAX_M if cfg.use_dot else 1,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        num_stages=cfg.num_stages, **pdl_kwargs(x))
     if split_k > 1:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
             part, b, out, m, n, out.stride(0), SPLIT_K=split_k, HAS_BIAS=bias is not None,
-            BLOCK=block, num_warps=4)
+            BLOCK=block, num_warps=4, **pdl_kwargs(x))
     return out
 
 

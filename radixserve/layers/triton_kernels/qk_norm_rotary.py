@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from radixserve.layers.triton_kernels.pdl import pdl_kwargs, pdl_launch_dependents, pdl_wait
 from radixserve.layers.triton_kernels.rmsnorm import rmsnorm_reference
 from radixserve.layers.triton_kernels.rotary import apply_rotary_reference
 
@@ -46,8 +47,10 @@ def _norm_rotate_heads(X, stride_x, row, num_heads, Wt, eps, cos, sin, head_dim,
 def _qk_norm_rotary_kernel(Q, K, Positions, Cache, Q_W, K_W, stride_q, stride_k, stride_c,
                            num_q_heads, num_k_heads, head_dim, eps, HALF: tl.constexpr,
                            IS_NEOX: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                           BLOCK_HK: tl.constexpr):
+                           BLOCK_HK: tl.constexpr, USE_PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    pdl_wait(USE_PDL)
+    pdl_launch_dependents(USE_PDL)  # one short program per token: nothing to overlap inside
     pos = tl.load(Positions + row).to(tl.int64)
     offs_r = tl.arange(0, HALF)
     cos = tl.load(Cache + pos * stride_c + offs_r).to(tl.float32)[None, :]
@@ -77,7 +80,7 @@ def qk_norm_rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         cos_sin_cache.stride(0), num_q_heads, num_k_heads, head_dim, eps,
         HALF=head_dim // 2, IS_NEOX=is_neox, BLOCK_HQ=block_hq,
         BLOCK_HK=triton.next_power_of_2(num_k_heads),
-        num_warps=min(8, max(1, block_hq * head_dim // 512)))
+        num_warps=min(8, max(1, block_hq * head_dim // 512)), **pdl_kwargs(q))
 
 
 def qk_norm_rotary_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,

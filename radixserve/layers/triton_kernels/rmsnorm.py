@@ -10,13 +10,16 @@ import torch
 import triton
 import triton.language as tl
 
+from radixserve.layers.triton_kernels.pdl import pdl_kwargs, pdl_launch_dependents, pdl_wait
+
 
 @triton.jit
 def _rmsnorm_kernel(X, Residual, Out, W, stride_x, stride_r, stride_o, eps, hidden,
-                    ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                    ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
+    pdl_wait(USE_PDL)
     x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
     if ADD_RESIDUAL:
         # The sum is rounded to the residual's dtype before it is normalised, as in HF.
@@ -27,6 +30,7 @@ def _rmsnorm_kernel(X, Residual, Out, W, stride_x, stride_r, stride_o, eps, hidd
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / hidden + eps)
     normed = (xf * rstd).to(Out.dtype.element_ty).to(tl.float32)
     w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+    pdl_launch_dependents(USE_PDL)
     tl.store(Out + row * stride_o + offs, (normed * w).to(Out.dtype.element_ty), mask=mask)
 
 
@@ -38,7 +42,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor,
     _rmsnorm_kernel[(x.shape[0],)](
         x, res, out, weight, x.stride(0), res.stride(0), out.stride(0), eps, hidden,
         ADD_RESIDUAL=residual is not None, BLOCK=block,
-        num_warps=min(16, max(1, block // 256)))
+        num_warps=min(16, max(1, block // 256)), **pdl_kwargs(x))
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from radixserve.layers.triton_kernels.pdl import pdl_kwargs, pdl_launch_dependents, pdl_wait
+
 
 @triton.jit
 def _rotate_heads(X, stride_x, row, num_heads, cos, sin, head_dim,
@@ -47,8 +49,11 @@ def _rotate_heads(X, stride_x, row, num_heads, cos, sin, head_dim,
 @triton.jit
 def _rotary_kernel(Q, K, Positions, Cache, stride_q, stride_k, stride_c, num_q_heads,
                    num_k_heads, head_dim, HALF: tl.constexpr, IS_NEOX: tl.constexpr,
-                   BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_R: tl.constexpr):
+                   BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_R: tl.constexpr,
+                   USE_PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    pdl_wait(USE_PDL)
+    pdl_launch_dependents(USE_PDL)
     pos = tl.load(Positions + row).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < HALF
@@ -90,7 +95,8 @@ def apply_rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         num_q_heads, num_k_heads, head_dim, HALF=half, IS_NEOX=is_neox,
         BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(num_k_heads),
         BLOCK_R=triton.next_power_of_2(half),
-        num_warps=min(8, max(1, block_hq * triton.next_power_of_2(half) // 256)))
+        num_warps=min(8, max(1, block_hq * triton.next_power_of_2(half) // 256)),
+        **pdl_kwargs(q))
 
 
 def apply_rotary_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from radixserve.layers.attention.triton_ops.extend_attention import dot_precision
+from radixserve.layers.triton_kernels.pdl import pdl_kwargs, pdl_launch_dependents, pdl_wait
 
 _LOG2E = 1.4426950408889634
 
@@ -125,11 +126,12 @@ def _decode_stage1(Q, K_Buf, V_Buf, Req_To_Token, Req_Pool_Idx, Seq_Lens, Kv_Sta
                    HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr,
                    MIN_SPLIT_TOKENS: tl.constexpr, PRECISION: tl.constexpr,
-                   HAS_START: tl.constexpr):
+                   HAS_START: tl.constexpr, USE_PDL: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1) // HEAD_BLOCKS
     first = (tl.program_id(1) % HEAD_BLOCKS) * BLOCK_H
     split = tl.program_id(2)
+    pdl_wait(USE_PDL)
 
     seq_len = tl.load(Seq_Lens + b).to(tl.int32)
     # With a cascade, tokens before kv_start (the group's shared prefix) are attended by
@@ -159,6 +161,7 @@ def _decode_stage1(Q, K_Buf, V_Buf, Req_To_Token, Req_Pool_Idx, Seq_Lens, Kv_Sta
     acc, m_i, l_i = _attend_paged(q, K_Buf, V_Buf, Req_To_Token, row, start, end, kv_head,
                                   qk_scale, stride_kt, stride_kh, stride_vt, stride_vh, stride_rt,
                                   BLOCK_H, HEAD_DIM, V_DIM, BLOCK_D, BLOCK_DV, BLOCK_N, PRECISION)
+    pdl_launch_dependents(USE_PDL)
 
     out_ptr = Mid_O + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms
     tl.store(out_ptr + offs_dv[None, :], acc / l_i[:, None],
@@ -175,13 +178,15 @@ def _cascade_prefix(Q, K_Buf, V_Buf, Req_To_Token, Req_Pool_Idx, Kv_Start, Perm,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
                     V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_N: tl.constexpr, PRE_SPLITS: tl.constexpr,
-                    MIN_SPLIT_TOKENS: tl.constexpr, PRECISION: tl.constexpr):
+                    MIN_SPLIT_TOKENS: tl.constexpr, PRECISION: tl.constexpr,
+                    USE_PDL: tl.constexpr):
     """Grid (tiles, KV heads, prefix splits): one tile is up to a few requests of one
     cascade group; its rows are every (member, query head of this KV head) pair, so the
     group's shared prefix is read once for all of them."""
     t = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    pdl_wait(USE_PDL)
     count = tl.load(Tile_Count + t).to(tl.int32)
     if count == 0:
         return  # padding past the batch's tiles
@@ -208,6 +213,7 @@ def _cascade_prefix(Q, K_Buf, V_Buf, Req_To_Token, Req_Pool_Idx, Kv_Start, Perm,
     acc, m_i, l_i = _attend_paged(q, K_Buf, V_Buf, Req_To_Token, row, start, end, kv_head,
                                   qk_scale, stride_kt, stride_kh, stride_vt, stride_vh, stride_rt,
                                   BLOCK_M, HEAD_DIM, V_DIM, BLOCK_D, BLOCK_DV, BLOCK_N, PRECISION)
+    pdl_launch_dependents(USE_PDL)
     tl.store(Pre_O + b[:, None] * stride_pb + heads[:, None] * stride_ph + split * stride_ps
              + offs_dv[None, :], acc / l_i[:, None],
              mask=m_mask[:, None] & (offs_dv[None, :] < V_DIM))
@@ -221,9 +227,10 @@ def _decode_stage2(Mid_O, Mid_Lse, Out, Seq_Lens, Kv_Start, Pre_O, Pre_Lse, stri
                    stride_ps, stride_qb, stride_qh,
                    V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
                    MAX_SPLITS: tl.constexpr, MIN_SPLIT_TOKENS: tl.constexpr,
-                   HAS_START: tl.constexpr, PRE_SPLITS: tl.constexpr):
+                   HAS_START: tl.constexpr, PRE_SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
+    pdl_wait(USE_PDL)
     seq_len = tl.load(Seq_Lens + b).to(tl.int32)
     if HAS_START:
         kv_start = tl.load(Kv_Start + b).to(tl.int32)
@@ -240,6 +247,7 @@ def _decode_stage2(Mid_O, Mid_Lse, Out, Seq_Lens, Kv_Start, Pre_O, Pre_Lse, stri
                   other=float("-inf"))
     o = tl.load(Mid_O + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms
                 + offs_dv[None, :], mask=s_mask[:, None] & dv_mask[None, :], other=0.0)
+    pdl_launch_dependents(USE_PDL)
     if PRE_SPLITS > 0:
         # The shared-prefix partials of this request's cascade group (none when
         # kv_start is 0: a request outside every group).
@@ -287,7 +295,7 @@ def merge_splits(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor,
         pre_lse.stride(1), V_DIM=v_dim, BLOCK_DV=max(16, triton.next_power_of_2(v_dim)),
         BLOCK_N=block_n, MAX_SPLITS=max_splits, MIN_SPLIT_TOKENS=min_split,
         HAS_START=cascade is not None,
-        PRE_SPLITS=0 if cascade is None else pre_lse.shape[2], num_warps=4)
+        PRE_SPLITS=0 if cascade is None else pre_lse.shape[2], num_warps=4, **pdl_kwargs(out))
 
 
 def cascade_tile_size(group: int) -> int:
@@ -354,7 +362,7 @@ def decode_attention_fwd(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torc
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, HEAD_BLOCKS=head_blocks, BLOCK_H=block_h, MAX_SPLITS=max_splits,
         HAS_START=cascade is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **dims)
+        **dims, **pdl_kwargs(q))
     merge_splits(mid_o, mid_lse, out, seq_lens, cfg.block_n, min_split, cascade)
     return out
 
@@ -377,7 +385,7 @@ def _launch_cascade_prefix(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: to
         v_buffer.stride(0), v_buffer.stride(1), req_to_token.stride(0),
         pre_o.stride(0), pre_o.stride(1), pre_o.stride(2), pre_lse.stride(0), pre_lse.stride(1),
         GROUP=group, BLOCK_M=block_m, PRE_SPLITS=pre_splits, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **dims)
+        num_stages=cfg.num_stages, **dims, **pdl_kwargs(q))
 
 
 def decode_attention_reference(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from radixserve.layers.triton_kernels.pdl import pdl_kwargs, pdl_launch_dependents, pdl_wait
+
 
 @triton.jit
 def _store_kv_kernel(K_Buf, V_Buf, Loc, K, V, num_tokens,
@@ -18,9 +20,11 @@ def _store_kv_kernel(K_Buf, V_Buf, Loc, K, V, num_tokens,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_DV: tl.constexpr):
+                     BLOCK_DV: tl.constexpr, USE_PDL: tl.constexpr):
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < num_tokens
+    pdl_wait(USE_PDL)
+    pdl_launch_dependents(USE_PDL)
     # int64: slot * row stride overflows int32 in pools of a few million tokens.
     slots = tl.load(Loc + offs_t, mask=t_mask, other=0).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
@@ -63,7 +67,7 @@ def store_kv(k_buffer: torch.Tensor, v_buffer: torch.Tensor, loc: torch.Tensor,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, V_DIM=v_dim, BLOCK_T=block_t,
         BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_DV=triton.next_power_of_2(v_dim), num_warps=4)
+        BLOCK_DV=triton.next_power_of_2(v_dim), num_warps=4, **pdl_kwargs(k))
 
 
 def store_kv_reference(k_buffer: torch.Tensor, v_buffer: torch.Tensor, loc: torch.Tensor,
