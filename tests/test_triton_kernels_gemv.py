@@ -84,3 +84,24 @@ def test_gemv_rejects_wide_batches() -> None:
     x, w, _ = _operands(17, 16, 16, torch.float16, False, seed=0)
     with pytest.raises(ValueError):
         gemv(x, w)
+
+
+@pytest.mark.parametrize("m,n,k,cfg", [
+    (1, 37, 100, GemvConfig(block_n=16, block_k=32, use_dot=False)),       # FMA, ragged K
+    (1, 40, 200, GemvConfig(block_n=16, block_k=32, split_k=3, use_dot=False)),
+    (3, 48, 96, GemvConfig(block_n=16, block_k=32, split_k=3)),            # dot + split-K
+    (16, 20, 70, GemvConfig(block_n=32, block_k=16)),                      # M at the limit
+])
+def test_gemv_with_silu_and_mul_input(m: int, n: int, k: int, cfg: GemvConfig) -> None:
+    """The down projection reading cat(gate, up): bit for bit the separate silu_and_mul
+    kernel, then gemv."""
+    from radixserve.layers.triton_kernels.activation import (silu_and_mul,
+                                                             silu_and_mul_reference)
+
+    gate_up, _, _ = _operands(m, 1, 2 * k, torch.float16, False, seed=m + n + k)
+    _, w, b = _operands(m, n, k, torch.float16, True, seed=n * k)
+    out = gemv(gate_up, w, b, cfg, silu_and_mul_input=True)
+    unfused = gemv(silu_and_mul(gate_up), w, b, cfg)
+    assert out.shape == (m, n)
+    torch.testing.assert_close(out, unfused, rtol=0, atol=0)
+    assert rel_err(out, gemv_reference(silu_and_mul_reference(gate_up), w, b)) < 2e-3

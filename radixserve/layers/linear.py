@@ -169,8 +169,10 @@ class RowParallelLinear(LinearBase):
         check_weight_shape(loaded_weight, (param.shape[0], cols * self.tp_size))
         param.data.copy_(loaded_weight.narrow(1, self.tp_rank * cols, cols))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+    def forward(self, x: torch.Tensor, silu_and_mul_input: bool = False) -> torch.Tensor:
+        """silu_and_mul_input: x is a gated MLP's cat(gate, up); see `linear`."""
+        out = linear(x, self.weight, self.bias if self.tp_rank == 0 else None,
+                     silu_and_mul_input)
         if self.tp_size > 1:
             get_tp_group().all_reduce(out)
         return out

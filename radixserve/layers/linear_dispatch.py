@@ -17,21 +17,28 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from radixserve.layers.activation import SiluAndMul
+
 # Up to this many rows the GEMV beats cuBLAS at every Qwen3 shape on an H100.
 GEMV_MAX_ROWS = 16
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-           ) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x [..., K] and weight [N, K]."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           silu_and_mul_input: bool = False) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [..., K] and weight [N, K]. With
+    silu_and_mul_input, x is [..., 2K] = cat(gate, up) and the input is silu(gate) * up
+    (the GEMV applies it as it reads x; otherwise it runs first)."""
     if (x.is_cuda and x.dtype in _GEMV_DTYPES and weight.dtype == x.dtype
             and x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and weight.is_contiguous()):
         kernel = _triton_gemv()
         if kernel is not None:
             rows = x.reshape(-1, x.shape[-1])
             if rows.stride(-1) == 1:
-                return kernel(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+                out = kernel(rows, weight, bias, silu_and_mul_input=silu_and_mul_input)
+                return out.view(*x.shape[:-1], weight.shape[0])
+    if silu_and_mul_input:
+        x = SiluAndMul()(x)
     return F.linear(x, weight, bias)
 
 

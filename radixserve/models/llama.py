@@ -15,7 +15,6 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from radixserve.configs.model_config import head_dim_of
-from radixserve.layers.activation import SiluAndMul
 from radixserve.layers.layernorm import RMSNorm
 from radixserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                       RowParallelLinear)
@@ -40,10 +39,10 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2,
                                                        bias=bias)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
-        self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        # SiLU-and-mul runs inside the down projection's GEMV at decode sizes.
+        return self.down_proj(self.gate_up_proj(x), silu_and_mul_input=True)
 
 
 class LlamaAttention(nn.Module):

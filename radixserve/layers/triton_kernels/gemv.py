@@ -12,6 +12,11 @@ Two inner products: the tensor-core one (x padded to 16 rows, W tile as the left
 operand so the tile's N side fills the MMA's M side) for any M, and a plain FMA one for
 M == 1 that keeps a [BLOCK_N, BLOCK_K] fp32 accumulator and reduces it once at the end.
 Both accumulate in fp32.
+
+With `silu_and_mul_input`, x is a gated MLP's packed [M, 2K] = cat(gate, up) and the
+kernel multiplies silu(gate) * up (in fp32, rounded to x's dtype, as the separate
+`silu_and_mul` kernel rounds) as it loads it: the down projection of a decode step then
+costs one kernel instead of two.
 """
 
 from __future__ import annotations
@@ -38,8 +43,20 @@ class GemvConfig:
 
 
 @triton.jit
+def _load_x(X, offs, mask, K, ACT: tl.constexpr):
+    """x at offs; with ACT, silu(gate) * up from the packed [.., 2K] gate/up rows."""
+    if ACT:
+        gate = tl.load(X + offs, mask=mask, other=0.0)
+        up = tl.load(X + K + offs, mask=mask, other=0.0).to(tl.float32)
+        g = gate.to(tl.float32)
+        return (g * tl.sigmoid(g) * up).to(gate.dtype)
+    return tl.load(X + offs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _gemv_kernel(X, W, Bias, Out, Part, M, N, K, k_per_split, stride_xm, stride_wn, stride_om,
-                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr,
+                 ACT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                 USE_DOT: tl.constexpr,
                  EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -65,11 +82,11 @@ def _gemv_kernel(X, W, Bias, Out, Part, M, N, K, k_per_split, stride_xm, stride_
         else:
             w = tl.load(w_rows + offs_k[None, :], mask=(offs_k < K)[None, :], other=0.0)
         if USE_DOT:
-            x = tl.load(X + offs_m[None, :] * stride_xm + offs_k[:, None],
-                        mask=m_mask[None, :] & (offs_k < K)[:, None], other=0.0)
+            x = _load_x(X, offs_m[None, :] * stride_xm + offs_k[:, None],
+                        m_mask[None, :] & (offs_k < K)[:, None], K, ACT)
             acc = tl.dot(w, x.to(w.dtype), acc)
         else:
-            x = tl.load(X + offs_k, mask=offs_k < K, other=0.0)
+            x = _load_x(X, offs_k, offs_k < K, K, ACT)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     pdl_launch_dependents(USE_PDL)
     if USE_DOT:
@@ -125,10 +142,13 @@ def default_config(m: int, n: int, k: int) -> GemvConfig:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig | None = None) -> torch.Tensor:
+         config: GemvConfig | None = None, silu_and_mul_input: bool = False) -> torch.Tensor:
     """x: [M, K] (M <= 16, last dim contiguous); weight: [N, K] contiguous; bias: [N].
-    Returns [M, N] in x's dtype, accumulated in fp32."""
+    Returns [M, N] in x's dtype, accumulated in fp32. With silu_and_mul_input, x is
+    [M, 2K] = cat(gate, up) and the product is silu(gate) * up @ weight^T."""
     m, k = x.shape
+    if silu_and_mul_input:
+        k //= 2
     n = weight.shape[0]
     if m > MAX_M or weight.shape[1] != k or x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError(f"gemv needs M <= {MAX_M} and last-dim-contiguous operands; got x "
@@ -146,7 +166,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     b = bias if bias is not None else out
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), split_k)](
         x, weight, b, out, part, m, n, k, k_per_split, x.stride(0), weight.stride(0),
-        out.stride(0), HAS_BIAS=bias is not None, SPLIT=split_k > 1, USE_DOT=cfg.use_dot,
+        out.stride(0), ACT=silu_and_mul_input, HAS_BIAS=bias is not None, SPLIT=split_k > 1, USE_DOT=cfg.use_dot,
         EVEN_K=k % cfg.block_k == 0, BLOCK_M=MAX_M if cfg.use_dot else 1,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **pdl_kwargs(x))
