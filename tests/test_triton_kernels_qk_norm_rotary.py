@@ -19,7 +19,6 @@ from radixserve.layers.layernorm import RMSNorm  # noqa: E402
 from radixserve.layers.rotary_embedding import RotaryEmbedding  # noqa: E402
 from radixserve.layers.triton_kernels.qk_norm_rotary import (  # noqa: E402
     qk_norm_rotary_, qk_norm_rotary_reference)
-from radixserve.mem_cache.memory_pool import KVStore  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -66,32 +65,3 @@ def test_forward_with_qk_norm_matches_unfused_layers() -> None:
                                k_norm.forward_native(k.reshape(-1, 16)).view(k.shape))
     got = rope.forward_with_qk_norm(positions, q.clone(), k.clone(), q_norm, k_norm)
     assert rel_err(got[0], want[0]) < 1e-5 and rel_err(got[1], want[1]) < 1e-5
-    assert got[2] is False  # no pool given: nothing stored
-
-
-@pytest.mark.parametrize("kv_heads,dtype", [(2, torch.float32), (3, torch.float16)])
-def test_qk_norm_rotary_stores_kv(kv_heads: int, dtype: torch.dtype) -> None:
-    """With a KVStore the kernel also writes the finished k and the raw v into the pool
-    at the given slots, and touches no other slot."""
-    g = torch.Generator().manual_seed(kv_heads)
-    tokens, heads, head_dim = 5, 4, 16
-    rope = RotaryEmbedding(head_dim, head_dim, 64, 10000.0, True)
-    width = (heads + 2 * kv_heads) * head_dim
-    qkv = torch.randn(tokens, width, generator=g).to(DEVICE, dtype)
-    q, k = qkv[:, :heads * head_dim], qkv[:, heads * head_dim:(heads + kv_heads) * head_dim]
-    v = qkv[:, (heads + kv_heads) * head_dim:]
-    positions = torch.randint(0, 64, (tokens,), generator=g).to(DEVICE)
-    w = torch.ones(head_dim, dtype=dtype, device=DEVICE)
-    k_pool = torch.zeros(20, kv_heads, head_dim, dtype=dtype, device=DEVICE)
-    v_pool = torch.zeros_like(k_pool)
-    loc = torch.tensor([7, 3, 19, 0, 11], device=DEVICE)
-    cache = rope.cos_sin_cache.to(DEVICE)
-    ref_q, ref_k = qk_norm_rotary_reference(q, k, positions, cache, w, w, 1e-6, True)
-    qk_norm_rotary_(q, k, positions, cache, w, w, 1e-6, True, KVStore(k_pool, v_pool, loc, v))
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
-    assert rel_err(q, ref_q) < tol and rel_err(k, ref_k) < tol
-    assert torch.equal(k_pool[loc], k.view(tokens, kv_heads, head_dim))
-    assert torch.equal(v_pool[loc], v.reshape(tokens, kv_heads, head_dim))
-    others = torch.ones(20, dtype=torch.bool)
-    others[loc.cpu()] = False
-    assert not k_pool[others.to(DEVICE)].any() and not v_pool[others.to(DEVICE)].any()

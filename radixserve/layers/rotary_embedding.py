@@ -18,7 +18,6 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from radixserve.layers.layernorm import RMSNorm
-from radixserve.mem_cache.memory_pool import KVStore
 
 
 def rope_params(config: PretrainedConfig) -> tuple[float, dict[str, Any] | None]:
@@ -75,23 +74,21 @@ class RotaryEmbedding(nn.Module):
         return self.forward_native(positions, query, key)
 
     def forward_with_qk_norm(self, positions: torch.Tensor, query: torch.Tensor,
-                             key: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm,
-                             kv_store: KVStore | None = None
-                             ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+                             key: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
         """RMSNorm each head of q and k, then rotate (Qwen3). On CUDA one fused kernel
-        does both in place: three launches per layer become one, and with kv_store it
-        also writes k and v into the KV pool (a fourth). Returns (q, k, stored)."""
+        does both in place: three launches per layer become one."""
         fusable = (self.rotary_dim == self.head_size and self.head_size & (self.head_size - 1) == 0
                    and q_norm.variance_epsilon == k_norm.variance_epsilon)
         if query.is_cuda and fusable:
             kernel = _triton_qk_norm_rotary()
             if kernel is not None:
                 kernel(query, key, positions, self.cos_sin_cache, q_norm.weight, k_norm.weight,
-                       q_norm.variance_epsilon, self.is_neox_style, kv_store)
-                return query, key, kv_store is not None
+                       q_norm.variance_epsilon, self.is_neox_style)
+                return query, key
         query = q_norm(query.reshape(-1, self.head_size)).view(query.shape)
         key = k_norm(key.reshape(-1, self.head_size)).view(key.shape)
-        return (*self(positions, query, key), False)
+        return self(positions, query, key)
 
     def forward_native(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,8 +6,6 @@ padding, dummy requests) write their K/V there, so they never touch a live slot.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from radixserve.device_utils import to_device_async
@@ -66,17 +64,6 @@ class ReqToTokenPool:
 
     def clear(self) -> None:
         self.free_slots = list(range(self.size))
-
-
-@dataclass(slots=True)
-class KVStore:
-    """Where a fused kernel writes one layer's new k and v: k_buffer[loc] = k,
-    v_buffer[loc] = v (see layers/triton_kernels/qk_norm_rotary.py)."""
-
-    k_buffer: torch.Tensor  # [slots, Hkv, D]
-    v_buffer: torch.Tensor  # [slots, Hkv, D]
-    loc: torch.Tensor  # [T] slot of each token
-    v: torch.Tensor  # [T, Hkv * D], row stride any
 
 
 class MHATokenToKVPool:

@@ -20,7 +20,6 @@ from radixserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLin
                                       RowParallelLinear)
 from radixserve.layers.radix_attention import RadixAttention
 from radixserve.layers.rotary_embedding import RotaryEmbedding, get_rope, rope_params
-from radixserve.mem_cache.memory_pool import KVStore
 from radixserve.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
 from radixserve.model_executor.forward_batch import ForwardBatch
 from radixserve.model_loader.weight_utils import load_by_checkpoint_names
@@ -70,22 +69,11 @@ class LlamaAttention(nn.Module):
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # q, k, v stay strided views of the qkv output: the kernels and the backends
         # read rows by stride, so no copies are made.
-        stored = False
         if self.qk_norm:
-            q, k, stored = self.rotary_emb.forward_with_qk_norm(
-                positions, q, k, self.q_norm, self.k_norm, self._kv_store(v, forward_batch))
+            q, k = self.rotary_emb.forward_with_qk_norm(positions, q, k, self.q_norm, self.k_norm)
         else:
             q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, forward_batch, save_kv_cache=not stored))
-
-    def _kv_store(self, v: torch.Tensor, fb: ForwardBatch) -> KVStore | None:
-        """On CUDA the qk-norm+rope kernel writes k and v into the pool itself (one
-        launch fewer per layer); elsewhere the attention backend stores them."""
-        if not v.is_cuda or fb.token_to_kv_pool is None:
-            return None
-        pool, layer = fb.token_to_kv_pool, self.attn.layer_id
-        return KVStore(pool.get_key_buffer(layer), pool.get_value_buffer(layer),
-                       fb.out_cache_loc, v)
+        return self.o_proj(self.attn(q, k, v, forward_batch))
 
 
 def _o_bias(config: PretrainedConfig) -> bool:

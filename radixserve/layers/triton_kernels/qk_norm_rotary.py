@@ -6,9 +6,6 @@ per token. The rounding steps are those of the unfused kernels (rmsnorm.py then
 rotary.py): normalise in fp32, round, scale by the weight, round, rotate in fp32, round;
 only the order of the fp32 sum of squares differs. Requires rot_dim == head_dim (every
 head dim rotates), which is what Qwen3 uses.
-
-Given a `KVStore`, the same pass also writes the finished k and the layer's v into the
-KV pool at the batch's slots, so the attention backend need not launch its store.
 """
 
 from __future__ import annotations
@@ -20,14 +17,11 @@ import triton.language as tl
 from radixserve.layers.triton_kernels.pdl import pdl_kwargs, pdl_launch_dependents, pdl_wait
 from radixserve.layers.triton_kernels.rmsnorm import rmsnorm_reference
 from radixserve.layers.triton_kernels.rotary import apply_rotary_reference
-from radixserve.mem_cache.memory_pool import KVStore
 
 
 @triton.jit
-def _norm_rotate_heads(X, stride_x, row, num_heads, Wt, eps, cos, sin, head_dim, Dst,
-                       stride_dst_h, HALF: tl.constexpr, IS_NEOX: tl.constexpr,
-                       BLOCK_H: tl.constexpr, STORE: tl.constexpr):
-    """In place on X's row; with STORE, the result also goes to Dst (one pool row)."""
+def _norm_rotate_heads(X, stride_x, row, num_heads, Wt, eps, cos, sin, head_dim,
+                       HALF: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_H: tl.constexpr):
     offs_h = tl.arange(0, BLOCK_H)
     offs_r = tl.arange(0, HALF)
     mask = (offs_h < num_heads)[:, None]
@@ -45,23 +39,15 @@ def _norm_rotate_heads(X, stride_x, row, num_heads, Wt, eps, cos, sin, head_dim,
     w2 = tl.load(Wt + second).to(tl.float32)[None, :]
     n1 = ((x1f * rstd[:, None]).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
     n2 = ((x2f * rstd[:, None]).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
-    r1 = (n1 * cos - n2 * sin).to(dtype)
-    r2 = (n2 * cos + n1 * sin).to(dtype)
-    tl.store(base + first[None, :], r1, mask=mask)
-    tl.store(base + second[None, :], r2, mask=mask)
-    if STORE:
-        dst = Dst + offs_h[:, None] * stride_dst_h
-        tl.store(dst + first[None, :], r1.to(Dst.dtype.element_ty), mask=mask)
-        tl.store(dst + second[None, :], r2.to(Dst.dtype.element_ty), mask=mask)
+    tl.store(base + first[None, :], (n1 * cos - n2 * sin).to(dtype), mask=mask)
+    tl.store(base + second[None, :], (n2 * cos + n1 * sin).to(dtype), mask=mask)
 
 
 @triton.jit
-def _qk_norm_rotary_kernel(Q, K, Positions, Cache, Q_W, K_W, K_Buf, V_Buf, Loc, V, stride_q,
-                           stride_k, stride_c, stride_kbt, stride_kbh, stride_vbt, stride_vbh,
-                           stride_v, num_q_heads, num_k_heads, head_dim, eps,
-                           HALF: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                           BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
-                           STORE_KV: tl.constexpr, USE_PDL: tl.constexpr):
+def _qk_norm_rotary_kernel(Q, K, Positions, Cache, Q_W, K_W, stride_q, stride_k, stride_c,
+                           num_q_heads, num_k_heads, head_dim, eps, HALF: tl.constexpr,
+                           IS_NEOX: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                           BLOCK_HK: tl.constexpr, USE_PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)  # one short program per token: nothing to overlap inside
@@ -69,30 +55,17 @@ def _qk_norm_rotary_kernel(Q, K, Positions, Cache, Q_W, K_W, K_Buf, V_Buf, Loc, 
     offs_r = tl.arange(0, HALF)
     cos = tl.load(Cache + pos * stride_c + offs_r).to(tl.float32)[None, :]
     sin = tl.load(Cache + pos * stride_c + HALF + offs_r).to(tl.float32)[None, :]
-    _norm_rotate_heads(Q, stride_q, row, num_q_heads, Q_W, eps, cos, sin, head_dim, Q, 0,
-                       HALF, IS_NEOX, BLOCK_HQ, False)
-    slot = 0
-    if STORE_KV:
-        # int64: slot * row stride overflows int32 in pools of a few million tokens.
-        slot = tl.load(Loc + row).to(tl.int64)
-    _norm_rotate_heads(K, stride_k, row, num_k_heads, K_W, eps, cos, sin, head_dim,
-                       K_Buf + slot * stride_kbt, stride_kbh, HALF, IS_NEOX, BLOCK_HK, STORE_KV)
-    if STORE_KV:
-        offs_h = tl.arange(0, BLOCK_HK)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask = (offs_h < num_k_heads)[:, None] & (offs_d < head_dim)[None, :]
-        v = tl.load(V + row * stride_v + offs_h[:, None] * head_dim + offs_d[None, :], mask=mask)
-        tl.store(V_Buf + slot * stride_vbt + offs_h[:, None] * stride_vbh + offs_d[None, :],
-                 v.to(V_Buf.dtype.element_ty), mask=mask)
+    _norm_rotate_heads(Q, stride_q, row, num_q_heads, Q_W, eps, cos, sin, head_dim, HALF,
+                       IS_NEOX, BLOCK_HQ)
+    _norm_rotate_heads(K, stride_k, row, num_k_heads, K_W, eps, cos, sin, head_dim, HALF,
+                       IS_NEOX, BLOCK_HK)
 
 
 def qk_norm_rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                     cos_sin_cache: torch.Tensor, q_weight: torch.Tensor,
-                    k_weight: torch.Tensor, eps: float, is_neox: bool,
-                    kv_store: KVStore | None = None) -> None:
+                    k_weight: torch.Tensor, eps: float, is_neox: bool) -> None:
     """RMSNorm each head of q [T, H * D] and k [T, Hkv * D] (row strides may be any),
-    then rotate them, in place. D = cos_sin_cache.shape[-1], a power of two. With
-    kv_store, also write k and v (v: [T, Hkv * D]) into the pool at its slots."""
+    then rotate them, in place. D = cos_sin_cache.shape[-1], a power of two."""
     head_dim = cos_sin_cache.shape[-1]
     if head_dim & (head_dim - 1) or q.shape[-1] % head_dim or k.shape[-1] % head_dim:
         raise ValueError(f"head_dim {head_dim} must be a power of two dividing q and k")
@@ -102,22 +75,11 @@ def qk_norm_rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         return
     num_q_heads, num_k_heads = q.shape[-1] // head_dim, k.shape[-1] // head_dim
     block_hq = triton.next_power_of_2(num_q_heads)
-    st = kv_store
-    if st is not None and (st.k_buffer.shape[1:] != (num_k_heads, head_dim)
-                           or st.v_buffer.shape[1:] != (num_k_heads, head_dim)
-                           or st.v.shape != k.shape or st.v.stride(-1) != 1
-                           or st.loc.shape[0] != q.shape[0]):
-        raise ValueError("kv_store's pool rows must be [Hkv, D] like k, and v shaped like k")
-    k_buf, v_buf, loc, v = ((st.k_buffer, st.v_buffer, st.loc, st.v) if st is not None
-                            else (k, k, positions, k))  # unread without a store
     _qk_norm_rotary_kernel[(q.shape[0],)](
-        q, k, positions, cos_sin_cache, q_weight, k_weight, k_buf, v_buf, loc, v,
-        q.stride(0), k.stride(0), cos_sin_cache.stride(0), k_buf.stride(0),
-        k_buf.stride(1) if st is not None else 0, v_buf.stride(0),
-        v_buf.stride(1) if st is not None else 0, v.stride(0), num_q_heads, num_k_heads,
-        head_dim, eps, HALF=head_dim // 2, IS_NEOX=is_neox, BLOCK_HQ=block_hq,
-        BLOCK_HK=triton.next_power_of_2(num_k_heads), BLOCK_D=head_dim,
-        STORE_KV=st is not None,
+        q, k, positions, cos_sin_cache, q_weight, k_weight, q.stride(0), k.stride(0),
+        cos_sin_cache.stride(0), num_q_heads, num_k_heads, head_dim, eps,
+        HALF=head_dim // 2, IS_NEOX=is_neox, BLOCK_HQ=block_hq,
+        BLOCK_HK=triton.next_power_of_2(num_k_heads),
         num_warps=min(8, max(1, block_hq * head_dim // 512)), **pdl_kwargs(q))
 
 
