@@ -84,6 +84,22 @@ def _split_bounds(seq_len, MAX_SPLITS: tl.constexpr, MIN_SPLIT_TOKENS: tl.conste
 
 
 @triton.jit
+def _own_tokens(Seq_Lens, Kv_Start, b, HAS_START: tl.constexpr, MAX_SPLITS: tl.constexpr,
+                MIN_SPLIT_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Request b's tokens for stages 1 and 2: [kv_start, seq_len), cut into splits of
+    split_len. With a cascade, the tokens before kv_start (its group's shared prefix)
+    are `_cascade_prefix`'s."""
+    seq_len = tl.load(Seq_Lens + b).to(tl.int32)
+    if HAS_START:
+        kv_start = tl.load(Kv_Start + b).to(tl.int32)
+    else:
+        kv_start = seq_len * 0  # a tensor either way, so both branches return alike
+    length = seq_len - kv_start
+    return seq_len, kv_start, length, _split_bounds(length, MAX_SPLITS, MIN_SPLIT_TOKENS,
+                                                     BLOCK_N)
+
+
+@triton.jit
 def _attend_paged(q, K_Buf, V_Buf, Req_To_Token, row, start, end, kv_head, qk_scale,
                   stride_kt, stride_kh, stride_vt, stride_vh, stride_rt,
                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
@@ -133,15 +149,8 @@ def _decode_stage1(Q, K_Buf, V_Buf, Req_To_Token, Req_Pool_Idx, Seq_Lens, Kv_Sta
     split = tl.program_id(2)
     pdl_wait(USE_PDL)
 
-    seq_len = tl.load(Seq_Lens + b).to(tl.int32)
-    # With a cascade, tokens before kv_start (the group's shared prefix) are attended by
-    # `cascade_prefix_fwd`; this kernel takes the rest.
-    if HAS_START:
-        kv_start = tl.load(Kv_Start + b).to(tl.int32)
-    else:
-        kv_start = 0
-    length = seq_len - kv_start
-    split_len = _split_bounds(length, MAX_SPLITS, MIN_SPLIT_TOKENS, BLOCK_N)
+    seq_len, kv_start, length, split_len = _own_tokens(
+        Seq_Lens, Kv_Start, b, HAS_START, MAX_SPLITS, MIN_SPLIT_TOKENS, BLOCK_N)
     if split * split_len >= length:
         return  # stage 2 recomputes the same bounds and skips this split
     start = kv_start + split * split_len
@@ -231,13 +240,8 @@ def _decode_stage2(Mid_O, Mid_Lse, Out, Seq_Lens, Kv_Start, Pre_O, Pre_Lse, stri
     b = tl.program_id(0)
     h = tl.program_id(1)
     pdl_wait(USE_PDL)
-    seq_len = tl.load(Seq_Lens + b).to(tl.int32)
-    if HAS_START:
-        kv_start = tl.load(Kv_Start + b).to(tl.int32)
-    else:
-        kv_start = 0
-    length = seq_len - kv_start
-    split_len = _split_bounds(length, MAX_SPLITS, MIN_SPLIT_TOKENS, BLOCK_N)
+    seq_len, kv_start, length, split_len = _own_tokens(
+        Seq_Lens, Kv_Start, b, HAS_START, MAX_SPLITS, MIN_SPLIT_TOKENS, BLOCK_N)
 
     offs_s = tl.arange(0, MAX_SPLITS)
     offs_dv = tl.arange(0, BLOCK_DV)
