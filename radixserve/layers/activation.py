@@ -10,13 +10,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of x = cat(gate, up): the Triton kernel on CUDA, PyTorch elsewhere."""
+    if x.is_cuda:
+        kernel = _triton_silu_and_mul()
+        if kernel is not None:
+            return kernel(x)
+    return SiluAndMul.forward_native(x)
+
+
 class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
-            kernel = _triton_silu_and_mul()
-            if kernel is not None:
-                return kernel(x)
-        return self.forward_native(x)
+        return silu_and_mul(x)
 
     @staticmethod
     def forward_native(x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from radixserve.layers.activation import SiluAndMul
+from radixserve.layers.activation import silu_and_mul
 
 # Up to this many rows the GEMV beats cuBLAS at every Qwen3 shape on an H100.
 GEMV_MAX_ROWS = 16
@@ -38,7 +38,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                 out = kernel(rows, weight, bias, silu_and_mul_input=silu_and_mul_input)
                 return out.view(*x.shape[:-1], weight.shape[0])
     if silu_and_mul_input:
-        x = SiluAndMul()(x)
+        x = silu_and_mul(x)
     return F.linear(x, weight, bias)
 
 
