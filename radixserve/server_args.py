@@ -67,12 +67,16 @@ class ServerArgs:
     # Parallelism (docs in radixserve/distributed/__init__.py)
     tp_size: int = 1
     dp_size: int = 1
-    load_balance_method: str = "round_robin"  # round_robin | shortest_queue | prefix_affinity
+    # round_robin | shortest_queue | minimum_tokens | prefix_affinity
+    load_balance_method: str = "round_robin"
     dist_init_addr: str | None = None  # host:port of TP rank 0; needed with --nnodes > 1
     nnodes: int = 1
     node_rank: int = 0
     dist_timeout: int | None = None  # seconds a collective may wait; None: torch's default
     base_gpu_id: int = 0
+    # Small TP all-reduces (decode) go through torch's symmetric memory (one-shot) on
+    # CUDA; this keeps every all-reduce on NCCL.
+    disable_custom_all_reduce: bool = False
 
     # HTTP server
     host: str = "127.0.0.1"
@@ -137,9 +141,11 @@ class ServerArgs:
     def _verify_parallel(self) -> None:
         if self.tp_size < 1 or self.dp_size < 1:
             raise ValueError("tp_size and dp_size must be >= 1")
-        if self.load_balance_method not in ("round_robin", "shortest_queue", "prefix_affinity"):
-            raise ValueError(f"load_balance_method must be round_robin, shortest_queue or "
-                             f"prefix_affinity, got {self.load_balance_method!r}")
+        if self.load_balance_method not in ("round_robin", "shortest_queue", "minimum_tokens",
+                                            "prefix_affinity"):
+            raise ValueError(f"load_balance_method must be round_robin, shortest_queue, "
+                             f"minimum_tokens or prefix_affinity, got "
+                             f"{self.load_balance_method!r}")
         if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"need nnodes >= 1 and 0 <= node_rank < nnodes, got "
                              f"nnodes={self.nnodes} node_rank={self.node_rank}")

@@ -128,6 +128,13 @@ def test_load_balancer_methods() -> None:
     sq.finished(1)
     sq.finished(1)
     assert sq.pick([1]) == 1
+    mt = LoadBalancer("minimum_tokens", 2)
+    # Outstanding prompt + max_new_tokens: 1,000 on replica 0 outweighs 3 x 200 on 1.
+    assert [mt.pick([1] * 900, 100), mt.pick([1] * 100, 100), mt.pick([1] * 100, 100),
+            mt.pick([1] * 100, 100), mt.pick([1] * 100, 100)] == [0, 1, 1, 1, 1]
+    assert mt.tokens == [1000, 800]
+    mt.finished(0, 1000)
+    assert mt.tokens == [0, 800] and mt.pick([1], 1) == 0
     pa = LoadBalancer("prefix_affinity", 2)
     shared = list(range(2 * PREFIX_BLOCK))
     first = pa.pick(shared + [1])

@@ -114,17 +114,36 @@ def _prefill(runner: ModelRunner, reqs: list[Req], input_len: int) -> float:
 
 def allreduce_step_s(runner: ModelRunner, bs: int, iters: int = 20) -> float:
     """Time of the all-reduces of one decode step alone (one after the embedding, two per
-    layer, each of [bs, hidden]), eager: an upper bound of their share under CUDA graphs,
-    which save the launch cost. Every TP rank must call it."""
+    layer, each of [bs, hidden]). On CUDA they are timed as a captured CUDA graph, as
+    the decode step runs them (eager launches would add host cost the step does not
+    pay); back to back they still include each call's barrier wait and fixed latency,
+    so this is their share on the critical path. Every TP rank must call it."""
     mc = runner.model_config
     x = torch.randn(bs, mc.hidden_size, dtype=runner.dtype, device=runner.device)
     n = 2 * mc.num_hidden_layers + 1
+    group = runner.tp_group
+
+    def step() -> None:
+        for _ in range(n):
+            group.all_reduce(x)
+
+    run = step
+    if runner.device.type == "cuda":
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()  # warm up outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            step()
+        run = graph.replay
     for _ in range(3):
-        runner.tp_group.all_reduce(x)
+        run()
     _sync(runner.device)
     t0 = time.perf_counter()
-    for _ in range(iters * n):
-        runner.tp_group.all_reduce(x)
+    for _ in range(iters):
+        run()
     _sync(runner.device)
     return (time.perf_counter() - t0) / iters
 

@@ -4,8 +4,9 @@
         --load-format dummy --batch-size 1 --input-len 128
 
 Prints the top kernels of the model forward (eager, so every launch is visible, and the
-CUDA graph replay), the kernel time per category, and the step split into its parts,
-each timed with CUDA events: graph replay, logits, sampling, and the whole
+CUDA graph replay, which includes the logits), the kernel time per category, and the
+step split into its parts, each timed with CUDA events: graph replay, eager logits,
+sampling, and the whole
 `forward_batch_generation` on the host clock. What the kernels do not account for is
 launch gaps and host work.
 """
@@ -124,7 +125,8 @@ def profile_decode(runner: ModelRunner, bs: int, input_len: int, steps: int = 5,
         runner.attn_backend.init_forward_metadata(fb)
         model(fb.input_ids, fb.positions, fb)
 
-    hidden = runner.forward(fb)
+    runner.attn_backend.init_forward_metadata(fb)
+    hidden = model(fb.input_ids, fb.positions, fb)
     logits = model.compute_logits(hidden)
     result = {"eager_kernels_ms": print_kernels(
         "model forward, eager", kernel_times_us(eager, steps), top) / 1e3}
@@ -136,7 +138,7 @@ def profile_decode(runner: ModelRunner, bs: int, input_len: int, steps: int = 5,
     if runner.cuda_graph_runner is not None:
         replay = lambda: runner.cuda_graph_runner.replay(fb)  # noqa: E731
         result["graph_kernels_ms"] = print_kernels(
-            "model forward, CUDA graph replay", kernel_times_us(replay, steps), top) / 1e3
+            "model forward + logits, CUDA graph replay", kernel_times_us(replay, steps), top) / 1e3
         result["replay_ms"] = cuda_ms(replay, 50)
     walls = []
     for _ in range(30):

@@ -12,6 +12,13 @@ other), with two communicators:
 
 Processes that never call `init_tp_group` see a group of size 1, whose collectives are
 no-ops, so single-GPU code paths pay nothing.
+
+Small all-reduces on CUDA (a decode step's activations: a few KB to a few MB) can go
+through torch's symmetric memory instead of NCCL (`enable_symm_mem_all_reduce`): a
+one-shot all-reduce, one kernel that copies the local input into a buffer every rank
+can address, meets its peers at a barrier and sums all their buffers over NVLink. Two
+per layer sit on the decode step's critical path, and NCCL's fixed latency per call is
+what kept TP=2 from halving the step.
 """
 
 from __future__ import annotations
@@ -32,18 +39,69 @@ logger = logging.getLogger(__name__)
 _CPU_GROUP_TIMEOUT = datetime.timedelta(days=30)
 
 
+# Activations up to this size take the one-shot path: each rank reads every peer's copy,
+# so its cost grows with size x ranks; past a few MB (prefill) NCCL's ring is better.
+_SYMM_MEM_MAX_BYTES = 4 << 20
+# The one-shot kernel is built for these element types only.
+_SYMM_MEM_DTYPES = (torch.bfloat16, torch.float32)
+
+
 @dataclass
 class TpGroup:
     rank: int = 0
     size: int = 1
     device_group: Any = None  # dist.ProcessGroup; None when size == 1
     cpu_group: Any = None
+    # The symmetric-memory buffer of the one-shot all-reduce (None: NCCL only).
+    symm_buffer: torch.Tensor | None = None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks, in place."""
-        if self.size > 1:
-            dist.all_reduce(x, group=self.device_group)
+        """Sum over ranks. Use the return value: NCCL sums in place, the one-shot path
+        returns a new tensor (copying it back would cost a kernel per call)."""
+        if self.size == 1:
+            return x
+        buf = self.symm_buffer
+        # The kernel copies x into the buffer with the widest vector both allow: x
+        # must start and end on 16 bytes, as the buffer does.
+        if (buf is not None and x.dtype == buf.dtype and x.numel() <= buf.numel()
+                and x.is_contiguous() and x.data_ptr() % 16 == 0
+                and x.numel() * x.element_size() % 16 == 0):
+            out = torch.empty_like(x)
+            torch.ops.symm_mem.one_shot_all_reduce_copy_out(
+                buf[:x.numel()].view_as(x), x, "sum", self.device_group.group_name, out)
+            return out
+        dist.all_reduce(x, group=self.device_group)
         return x
+
+    def enable_symm_mem_all_reduce(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """Route small all-reduces of `dtype` through symmetric memory; False (NCCL
+        stays) where this torch or GPU cannot. Collective: every rank calls it, at the
+        same point, before any CUDA graph is captured."""
+        if self.size == 1 or device.type != "cuda" or dtype not in _SYMM_MEM_DTYPES:
+            return False
+        try:
+            import torch.distributed._symmetric_memory as symm_mem
+
+            name = self.device_group.group_name
+            if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before torch 2.8
+                symm_mem.enable_symm_mem_for_group(name)
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            buf = symm_mem.empty(_SYMM_MEM_MAX_BYTES // itemsize, dtype=dtype, device=device)
+            symm_mem.rendezvous(buf, name)
+            self.symm_buffer = buf
+            probe = torch.full((8,), float(self.rank + 1), dtype=dtype, device=device)
+            total = self.all_reduce(probe)
+            expected = self.size * (self.size + 1) / 2
+            if not bool((total == expected).all()):
+                raise RuntimeError(f"one-shot all-reduce gave {total.tolist()}, "
+                                   f"expected {expected}")
+        except Exception as exc:  # noqa: BLE001 - an optional fast path: NCCL stays
+            self.symm_buffer = None
+            logger.warning("symmetric-memory all-reduce unavailable, using NCCL: %s", exc)
+            return False
+        logger.info("TP all-reduces up to %d KiB use symmetric memory (one-shot)",
+                    _SYMM_MEM_MAX_BYTES >> 10)
+        return True
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Concatenate every rank's `x` along `dim`, in rank order."""

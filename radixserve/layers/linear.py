@@ -174,5 +174,5 @@ class RowParallelLinear(LinearBase):
         out = linear(x, self.weight, self.bias if self.tp_rank == 0 else None,
                      silu_and_mul_input)
         if self.tp_size > 1:
-            get_tp_group().all_reduce(out)
+            out = get_tp_group().all_reduce(out)
         return out

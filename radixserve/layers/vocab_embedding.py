@@ -46,15 +46,17 @@ class VocabParallelEmbedding(nn.Module):
         mine = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
         out = F.embedding(torch.where(mine, input_ids - self.vocab_start, 0), self.weight)
         out.masked_fill_(~mine.unsqueeze(-1), 0)
-        get_tp_group().all_reduce(out)
-        return out
+        return get_tp_group().all_reduce(out)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [n, d] -> float32 logits [n, num_embeddings] (also used when tied)."""
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """hidden [n, d] -> float32 logits [n, num_embeddings] (also used when tied),
+        written into `out` when given (one conversion copy either way)."""
         logits = linear(hidden, self.weight)
         if self.tp_size > 1:
             logits = get_tp_group().all_gather(logits, dim=-1)
-        return logits[:, :self.num_embeddings].float()
+        logits = logits[:, :self.num_embeddings]
+        return logits.float() if out is None else out.copy_(logits)
 
 
 class ParallelLMHead(VocabParallelEmbedding):

@@ -1,5 +1,5 @@
-"""CUDA graphs for decode: capture the model's decode forward once per batch size, then
-replay it with the inputs copied into the captured buffers.
+"""CUDA graphs for decode: capture the model's decode forward, logits included, once per
+batch size, then replay it with the inputs copied into the captured buffers.
 
 A live batch of size b runs the graph of the smallest captured size >= b; the padded
 rows read request row 0 with seq_len `get_cuda_graph_seq_len_fill_value()` and write
@@ -60,7 +60,13 @@ class CudaGraphRunner:
         # Keyed by (batch size, cascade): a cascade graph of each size from 2 up (a
         # batch of one shares with no one) sits beside the plain one.
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
+        # Every graph writes its float32 logits into the rows of this one buffer. The
+        # LM head runs inside the graph (one launch fewer, and its kernels join the
+        # graph's chain); per-graph outputs would hold a [bs, vocab] tensor for each of
+        # the ~70 graphs. A replay overwrites the previous one's logits: whoever keeps
+        # them past the next replay must copy them (see ModelRunner.launch_forward).
+        self.logits = torch.empty(self.max_bs, model_runner.model_config.vocab_size,
+                                  dtype=torch.float32, device=dev)
         self.pool = None
         model_runner.attn_backend.init_cuda_graph_state(self.max_bs)
         self._capture_all()
@@ -108,17 +114,17 @@ class CudaGraphRunner:
         graph = torch.cuda.CUDAGraph()
         backend.init_forward_metadata_capture_cuda_graph(fb)
         with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-            out = self._run_model(fb)
+            self._run_model(fb)
         if self.pool is None:
             self.pool = graph.pool()
         self.graphs[bs, cascade] = graph
-        self.outputs[bs, cascade] = out
 
-    def _run_model(self, fb: ForwardBatch) -> torch.Tensor:
+    def _run_model(self, fb: ForwardBatch) -> None:
         # Swapping in the tokens of the batch still in flight is part of the graph:
         # it costs the host nothing, and the padded / known ids are left as they are.
+        model = self.mr.model
         input_ids = self.mr.future.resolve(fb.input_ids)
-        return self.mr.model(input_ids, fb.positions, fb)
+        model.compute_logits(model(input_ids, fb.positions, fb), out=self.logits[:fb.batch_size])
 
     def _padded(self, bs: int) -> int:
         return self.batch_sizes[bisect.bisect_left(self.batch_sizes, bs)]
@@ -144,4 +150,4 @@ class CudaGraphRunner:
         key = (padded, fb.cascade_plan is not None)
         self.mr.attn_backend.init_forward_metadata_replay_cuda_graph(self._batch(*key))
         self.graphs[key].replay()
-        return self.outputs[key][:bs]
+        return self.logits[:bs]

@@ -115,6 +115,8 @@ class ModelRunner:
         self._mask_buffers = HostBitmasks(pinned=self.device.type == "cuda")
         self.future = FutureTokenMap(self.max_running_requests + 1, self.device)
         self.last_wait_s = 0.0  # host time spent waiting for the device in resolve_batch
+        if not server_args.disable_custom_all_reduce:
+            self.tp_group.enable_symm_mem_all_reduce(self.dtype, self.device)
         self.cuda_graph_runner = None
         if self.device.type == "cuda" and not server_args.disable_cuda_graph:
             from radixserve.model_executor.cuda_graph_runner import CudaGraphRunner
@@ -287,12 +289,13 @@ class ModelRunner:
         return self.cascade_planner.plan([r.last_node for r in reqs])
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
-        """Hidden states of the rows that need logits: [rows, hidden].
+        """float32 logits of the rows that need them: [rows, vocab].
 
         Input ids may hold placeholders for tokens an earlier, still running batch
         samples (see FutureTokenMap); they are resolved on the device (inside the CUDA
-        graph when one runs, so that costs no host time)."""
-        if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(fb):
+        graph when one runs, so that costs no host time). A CUDA graph's logits live in
+        a buffer that the next replay overwrites."""
+        if self._runs_graph(fb):
             return self.cuda_graph_runner.replay(fb)
         if self.future.pending:
             fb.input_ids = self.future.resolve(fb.input_ids)
@@ -300,7 +303,10 @@ class ModelRunner:
         hidden = self.model(fb.input_ids, fb.positions, fb)
         if fb.logits_indices is not None:
             hidden = hidden[fb.logits_indices]
-        return hidden
+        return self.model.compute_logits(hidden)
+
+    def _runs_graph(self, fb: ForwardBatch) -> bool:
+        return self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(fb)
 
     @torch.inference_mode()
     def forward_batch_generation(self, batch: ScheduleBatch) -> BatchResult:
@@ -325,8 +331,8 @@ class ModelRunner:
         before its tokens are sampled.
         """
         fb = self.build_forward_batch(batch)
-        hidden = self.forward(fb)
-        logits = self.model.compute_logits(hidden)
+        from_graph = self._runs_graph(fb)
+        logits = self.forward(fb)
         reqs = batch.reqs
         # Rows of `logits` that belong to each request: the last one is the next token's.
         counts = self._logits_rows_per_req(batch, fb)
@@ -336,6 +342,11 @@ class ModelRunner:
         else:
             next_logits = logits
         want_logprobs = any(r.return_logprob for r in reqs)
+        if want_logprobs and from_graph:
+            # Logprobs are read on the host after later forwards were launched, and a
+            # CUDA graph's logits buffer is rewritten by the next replay. (The sampling
+            # is always launched before the next forward, so it needs no copy.)
+            logits = next_logits = logits.clone()
         return PendingBatch(
             future_base=self.future.reserve(len(reqs)),
             # The sampler works on its own copy: these stay the raw logits for logprobs.

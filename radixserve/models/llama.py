@@ -154,8 +154,9 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states after the final norm, [num_tokens, hidden]."""
         return self.model(input_ids, positions, forward_batch)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.compute_logits(hidden)
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        return self.lm_head.compute_logits(hidden, out)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named tensors; raise naming every missing, unexpected or mis-shaped one."""

@@ -61,3 +61,73 @@ def test_tp2_eager_equals_tp1(checkpoint: str, reference: list[dict]) -> None:
 def test_dp2_equals_dp1(checkpoint: str, reference: list[dict]) -> None:
     _assert_same(reference, _generate(checkpoint, dp_size=2,
                                       load_balance_method="shortest_queue"))
+
+
+def test_tp2_nccl_only_equals_tp1(checkpoint: str, reference: list[dict]) -> None:
+    # The same with every all-reduce on NCCL (no symmetric-memory one-shot).
+    _assert_same(reference, _generate(checkpoint, tp_size=2, disable_custom_all_reduce=True))
+
+
+# [rows, cols] of the all-reduces checked below: decode-sized ones take the one-shot path;
+# 17 x 1,001 (a length that is not whole 16-byte vectors) and 600 x 4,096 bf16 (over the
+# 4 MiB bound) fall back to NCCL.
+_AR_SHAPES = [(1, 64), (3, 4096), (17, 1001), (256, 4096), (600, 4096)]
+
+
+def _all_reduce_worker(rank: int, port: int, queue: "torch.multiprocessing.Queue") -> None:
+    import torch.distributed as dist
+
+    from radixserve.distributed.parallel_state import TpGroup
+
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", world_size=2,
+                            rank=rank)
+    group = TpGroup(rank, 2, dist.group.WORLD, None)
+    report: dict[str, object] = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        report[f"enabled {dtype}"] = group.enable_symm_mem_all_reduce(dtype, dev)
+        for rows, cols in _AR_SHAPES:
+            g = torch.Generator(device=dev).manual_seed(1000 * rank + rows)
+            x = torch.randn(rows, cols, generator=g, device=dev).to(dtype)
+            want = x.clone()
+            dist.all_reduce(want)  # NCCL
+            # Inside a CUDA graph too, replayed on new data, as the decode step runs it.
+            static = x.clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                group.all_reduce(static.clone())
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                out = group.all_reduce(static)
+            static.copy_(x)
+            graph.replay()
+            torch.cuda.synchronize()
+            # Two addends: one rounding whatever the order, so the sums are bit-equal.
+            report[f"{dtype} {rows}x{cols} eager"] = bool(torch.equal(group.all_reduce(x.clone()),
+                                                                      want))
+            report[f"{dtype} {rows}x{cols} graph"] = bool(torch.equal(out, want))
+    queue.put((rank, report))
+    dist.destroy_process_group()
+
+
+def test_symm_mem_all_reduce_equals_nccl() -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_all_reduce_worker, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    reports = dict(queue.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    for rank, report in reports.items():
+        assert all(report.values()), (rank, report)

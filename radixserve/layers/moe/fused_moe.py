@@ -79,7 +79,7 @@ class FusedMoE(nn.Module):
         fn = kernel if kernel is not None else fused_experts_reference
         out = fn(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
         if self.tp_size > 1:
-            get_tp_group().all_reduce(out)
+            out = get_tp_group().all_reduce(out)
         return out
 
 

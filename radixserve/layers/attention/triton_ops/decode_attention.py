@@ -23,6 +23,7 @@ scratch buffers, and depends only on the batch size).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -43,11 +44,28 @@ class DecodeConfig:
     num_stages: int = 2
 
 
-def min_split_tokens(device: torch.device) -> int:
+def min_split_tokens(device: torch.device, programs: int | None = None) -> int:
     """A split never covers fewer tokens than this: below it, the merge costs more than
     the parallelism gains. The CPU interpreter runs only in tests, where a small value
-    makes short sequences cross split boundaries."""
-    return 256 if device.type == "cuda" else 16
+    makes short sequences cross split boundaries.
+
+    `programs` is the launch's (request, KV-head block) count. When it covers under a
+    quarter of the GPU's SMs (batches of a few requests), splits of 256 tokens leave
+    most SMs idle and each program streams its whole slice alone: 64-token splits
+    (one BLOCK_N step) spread a short context over more SMs, and the extra partial
+    results are few at such batch sizes. Without `programs`: the large-batch bound.
+    """
+    if device.type != "cuda":
+        return 16
+    if programs is not None and 4 * programs <= _num_sms(device.index):
+        return 64
+    return 256
+
+
+@functools.cache
+def _num_sms(index: int | None) -> int:
+    return torch.cuda.get_device_properties(
+        torch.cuda.current_device() if index is None else index).multi_processor_count
 
 
 def default_decode_config(dtype: torch.dtype, device: torch.device) -> DecodeConfig:
@@ -351,7 +369,7 @@ def decode_attention_fwd(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torc
     max_splits = mid_lse.shape[2]
     if max_splits & (max_splits - 1):
         raise ValueError(f"max_kv_splits must be a power of two, got {max_splits}")
-    min_split = min_split_tokens(q.device)
+    min_split = min_split_tokens(q.device, batch * num_kv_heads * head_blocks)
     dims = dict(HEAD_DIM=head_dim, V_DIM=v_dim, BLOCK_D=triton.next_power_of_2(head_dim),
                 BLOCK_DV=triton.next_power_of_2(v_dim), BLOCK_N=cfg.block_n,
                 MIN_SPLIT_TOKENS=min_split, PRECISION=dot_precision(q.dtype))
