@@ -105,3 +105,60 @@ def test_gemv_with_silu_and_mul_input(m: int, n: int, k: int, cfg: GemvConfig) -
     assert out.shape == (m, n)
     torch.testing.assert_close(out, unfused, rtol=0, atol=0)
     assert rel_err(out, gemv_reference(silu_and_mul_reference(gate_up), w, b)) < 2e-3
+
+
+@pytest.mark.parametrize("m,n,k,cfg", [
+    (1, 17, 200, GemvConfig(block_n=16, block_k=64, use_dot=False)),           # FMA, ragged K
+    (1, 300, 1000, GemvConfig(block_n=8, block_k=256, split_k=3, use_dot=False)),
+    (1, 17, 96, GemvConfig(block_n=16, block_k=32)),                           # dot at M == 1
+    (3, 300, 96, GemvConfig(block_n=64, block_k=32, split_k=2)),               # dot + split-K
+    (3, 17, 1000, GemvConfig(block_n=16, block_k=128)),
+    (16, 17, 200, GemvConfig(block_n=16, block_k=64, split_k=3)),              # M at the limit
+    (16, 300, 1000, None),                                                     # default config
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_rmsnorm_gemv_equals_norm_kernel_then_gemv(m: int, n: int, k: int,
+                                                   cfg: GemvConfig | None, dtype: torch.dtype,
+                                                   with_residual: bool) -> None:
+    """The qkv / gate-up projection reading the un-normalised hidden state: bit for bit
+    the separate (fused-add) RMSNorm kernel, then gemv; the new residual too."""
+    from radixserve.layers.triton_kernels import fused_add_rmsnorm, rmsnorm
+    from radixserve.layers.triton_kernels.gemv import rmsnorm_gemv
+
+    g = torch.Generator().manual_seed(m * n + k)
+    x = (torch.randn(m, k, generator=g) * 3).to(DEVICE, dtype)
+    residual = (torch.randn(m, k, generator=g) * 3).to(DEVICE, dtype) if with_residual else None
+    norm_w = (1 + torch.randn(k, generator=g) / 4).to(DEVICE, dtype)
+    _, w, b = _operands(m, n, k, dtype, True, seed=n * k)
+    x_before = x.clone()
+    res_before = residual.clone() if with_residual else None
+
+    out, new_residual = rmsnorm_gemv(x, residual, norm_w, 1e-6, w, b, cfg)
+
+    if with_residual:
+        normed, want_residual = fused_add_rmsnorm(x.clone(), residual.clone(), norm_w, 1e-6)
+        assert torch.equal(residual, res_before)  # read, never written
+        assert new_residual.data_ptr() not in (x.data_ptr(), residual.data_ptr())
+    else:
+        normed, want_residual = rmsnorm(x, norm_w, 1e-6), x
+    assert torch.equal(x, x_before)
+    assert out.shape == (m, n) and out.dtype == dtype
+    torch.testing.assert_close(new_residual, want_residual, rtol=0, atol=0)
+    want = gemv(normed, w, b, cfg)
+    if DEVICE.type == "cpu":
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+    else:
+        # The norm kernel may spread a row over fewer or more warps than the GEMV, so
+        # its fp32 sum of squares may differ in the last bit; tests/gpu/test_gemv_gpu.py
+        # checks the model's shapes bit for bit.
+        assert rel_err(out, want) < 1e-3
+
+
+def test_rmsnorm_gemv_rejects_a_residual_of_another_dtype() -> None:
+    from radixserve.layers.triton_kernels.gemv import rmsnorm_gemv
+
+    x, w, _ = _operands(2, 16, 32, torch.float16, False, seed=0)
+    with pytest.raises(ValueError):
+        rmsnorm_gemv(x, x.float(), torch.ones(32, device=DEVICE), 1e-6, w)
+
