@@ -162,3 +162,64 @@ def test_rmsnorm_gemv_rejects_a_residual_of_another_dtype() -> None:
     with pytest.raises(ValueError):
         rmsnorm_gemv(x, x.float(), torch.ones(32, device=DEVICE), 1e-6, w)
 
+
+def _norm_by_kernel(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    """RMSNorm's CUDA branch (the Triton kernels), for CPU tensors."""
+    from radixserve.layers.triton_kernels import fused_add_rmsnorm, rmsnorm
+
+    if residual is None:
+        return rmsnorm(x, self.weight, self.variance_epsilon)
+    return fused_add_rmsnorm(x, residual, self.weight, self.variance_epsilon)
+
+
+@pytest.mark.parametrize("model_type,overrides,dtype,prompt_lens", [
+    ("qwen3", dict(head_dim=32), torch.bfloat16, (1,)),          # decode-like: the FMA GEMV
+    ("qwen3", dict(head_dim=32), torch.float16, (3, 4)),         # 7 rows: the tensor-core GEMV
+    ("qwen2", dict(tie_word_embeddings=True), torch.float16, (5,)),  # qkv bias
+    ("llama", {}, torch.bfloat16, (1,)),
+    ("qwen2_moe", dict(moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                       num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1]),
+     torch.float16, (2, 1)),                                     # a sparse layer stays unfused
+])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="forces the CUDA paths onto the CPU")
+def test_model_logits_equal_with_rmsnorm_in_gemv(tmp_path, monkeypatch, model_type: str,
+                                                 overrides: dict, dtype: torch.dtype,
+                                                 prompt_lens: tuple[int, ...]) -> None:
+    """A tiny model's logits with the decoder norms fused into the qkv and gate/up GEMVs
+    equal those with the norm's own kernel, bit for bit. CPU tensors take the CUDA
+    paths here: the GEMV dispatch admits them and RMSNorm runs its Triton kernels."""
+    from radixserve.configs.model_config import ModelConfig
+    from radixserve.layers import linear_dispatch
+    from radixserve.layers.layernorm import RMSNorm
+    from radixserve.layers.triton_kernels import gemv as gemv_module
+    from radixserve.models.llama import LlamaMLP
+    from radixserve.model_loader import load_model
+    from radixserve.server_args import ServerArgs
+    from tests.test_models import make_checkpoint, prefill_logits
+
+    make_checkpoint(str(tmp_path), model_type, **overrides)
+    args = ServerArgs(model_path=str(tmp_path), device="cpu", dtype=str(dtype)[6:])
+    config = ModelConfig.from_server_args(args)
+    model = load_model(args, config)
+    monkeypatch.setattr(linear_dispatch, "_GEMV_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(RMSNorm, "forward_native", _norm_by_kernel)
+    fused_calls = []
+    real = gemv_module.rmsnorm_gemv
+    monkeypatch.setattr(gemv_module, "rmsnorm_gemv",
+                        lambda *a, **kw: fused_calls.append(1) or real(*a, **kw))
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, config.vocab_size, (n,), generator=gen).tolist()
+               for n in prompt_lens]
+
+    def logits() -> torch.Tensor:
+        return torch.cat(prefill_logits(model, prompts, config.num_hidden_layers,
+                                        config.num_key_value_heads, config.head_dim))
+
+    fused = logits()
+    assert len(fused_calls) == sum(
+        isinstance(layer.mlp, LlamaMLP) for layer in model.model.layers) + len(
+        model.model.layers)
+    monkeypatch.setattr(linear_dispatch, "FUSE_RMSNORM", False)
+    unfused = logits()
+    assert not fused.isnan().any()
+    torch.testing.assert_close(fused, unfused, rtol=0, atol=0)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from radixserve.layers.linear_dispatch import GEMV_MAX_ROWS, linear  # noqa: E402
+from radixserve.layers.layernorm import RMSNorm  # noqa: E402
+from radixserve.layers.linear_dispatch import GEMV_MAX_ROWS, linear, rmsnorm_linear  # noqa: E402
 from radixserve.layers.rotary_embedding import RotaryEmbedding  # noqa: E402
 from radixserve.layers.triton_kernels import apply_rotary_, fused_add_rmsnorm, rmsnorm  # noqa: E402
 from radixserve.layers.triton_kernels.gemv import gemv, gemv_reference, rmsnorm_gemv  # noqa: E402
@@ -95,3 +96,17 @@ def test_rmsnorm_gemv_equals_norm_kernel_then_gemv(m: int, k: int, n: int,
         # sum may differ in its last bit, and a normalised element by one bf16 ulp.
         assert rel_err(out, want) < 1e-3
 
+
+def test_rmsnorm_linear_fuses_for_few_rows_only() -> None:
+    torch.manual_seed(1)
+    norm = RMSNorm(1024).to(DEVICE, torch.bfloat16)
+    norm.weight.data = torch.rand(1024, device=DEVICE, dtype=torch.bfloat16) + 0.5
+    w = torch.randn(2048, 1024, device=DEVICE, dtype=torch.bfloat16) / 32
+    for rows in (1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1):
+        x = torch.randn(rows, 1024, device=DEVICE, dtype=torch.bfloat16)
+        residual = torch.randn_like(x)
+        normed, want_h = norm(x.clone(), residual.clone())
+        out, h = rmsnorm_linear(x, residual, norm, w)
+        assert torch.equal(h, want_h) and torch.equal(out, linear(normed, w))
+        if rows <= GEMV_MAX_ROWS:  # fused: x and the residual are left as they were
+            assert h.data_ptr() not in (x.data_ptr(), residual.data_ptr())
