@@ -105,3 +105,121 @@ def test_gemv_with_silu_and_mul_input(m: int, n: int, k: int, cfg: GemvConfig) -
     assert out.shape == (m, n)
     torch.testing.assert_close(out, unfused, rtol=0, atol=0)
     assert rel_err(out, gemv_reference(silu_and_mul_reference(gate_up), w, b)) < 2e-3
+
+
+@pytest.mark.parametrize("m,n,k,cfg", [
+    (1, 17, 200, GemvConfig(block_n=16, block_k=64, use_dot=False)),           # FMA, ragged K
+    (1, 300, 1000, GemvConfig(block_n=8, block_k=256, split_k=3, use_dot=False)),
+    (1, 17, 96, GemvConfig(block_n=16, block_k=32)),                           # dot at M == 1
+    (3, 300, 96, GemvConfig(block_n=64, block_k=32, split_k=2)),               # dot + split-K
+    (3, 17, 1000, GemvConfig(block_n=16, block_k=128)),
+    (16, 17, 200, GemvConfig(block_n=16, block_k=64, split_k=3)),              # M at the limit
+    (16, 300, 1000, None),                                                     # default config
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_rmsnorm_gemv_equals_norm_kernel_then_gemv(m: int, n: int, k: int,
+                                                   cfg: GemvConfig | None, dtype: torch.dtype,
+                                                   with_residual: bool) -> None:
+    """The qkv / gate-up projection reading the un-normalised hidden state: bit for bit
+    the separate (fused-add) RMSNorm kernel, then gemv; the new residual too."""
+    from radixserve.layers.triton_kernels import fused_add_rmsnorm, rmsnorm
+    from radixserve.layers.triton_kernels.gemv import rmsnorm_gemv
+
+    g = torch.Generator().manual_seed(m * n + k)
+    x = (torch.randn(m, k, generator=g) * 3).to(DEVICE, dtype)
+    residual = (torch.randn(m, k, generator=g) * 3).to(DEVICE, dtype) if with_residual else None
+    norm_w = (1 + torch.randn(k, generator=g) / 4).to(DEVICE, dtype)
+    _, w, b = _operands(m, n, k, dtype, True, seed=n * k)
+    x_before = x.clone()
+    res_before = residual.clone() if with_residual else None
+
+    out, new_residual = rmsnorm_gemv(x, residual, norm_w, 1e-6, w, b, cfg)
+
+    if with_residual:
+        normed, want_residual = fused_add_rmsnorm(x.clone(), residual.clone(), norm_w, 1e-6)
+        assert torch.equal(residual, res_before)  # read, never written
+        assert new_residual.data_ptr() not in (x.data_ptr(), residual.data_ptr())
+    else:
+        normed, want_residual = rmsnorm(x, norm_w, 1e-6), x
+    assert torch.equal(x, x_before)
+    assert out.shape == (m, n) and out.dtype == dtype
+    torch.testing.assert_close(new_residual, want_residual, rtol=0, atol=0)
+    want = gemv(normed, w, b, cfg)
+    if DEVICE.type == "cpu":
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+    else:
+        # The norm kernel may spread a row over fewer or more warps than the GEMV, so
+        # its fp32 sum of squares may differ in the last bit; tests/gpu/test_gemv_gpu.py
+        # checks the model's shapes bit for bit.
+        assert rel_err(out, want) < 1e-3
+
+
+def test_rmsnorm_gemv_rejects_a_residual_of_another_dtype() -> None:
+    from radixserve.layers.triton_kernels.gemv import rmsnorm_gemv
+
+    x, w, _ = _operands(2, 16, 32, torch.float16, False, seed=0)
+    with pytest.raises(ValueError):
+        rmsnorm_gemv(x, x.float(), torch.ones(32, device=DEVICE), 1e-6, w)
+
+
+def _norm_by_kernel(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    """RMSNorm's CUDA branch (the Triton kernels), for CPU tensors."""
+    from radixserve.layers.triton_kernels import fused_add_rmsnorm, rmsnorm
+
+    if residual is None:
+        return rmsnorm(x, self.weight, self.variance_epsilon)
+    return fused_add_rmsnorm(x, residual, self.weight, self.variance_epsilon)
+
+
+@pytest.mark.parametrize("model_type,overrides,dtype,prompt_lens", [
+    ("qwen3", dict(head_dim=32), torch.bfloat16, (1,)),          # decode-like: the FMA GEMV
+    ("qwen3", dict(head_dim=32), torch.float16, (3, 4)),         # 7 rows: the tensor-core GEMV
+    ("qwen2", dict(tie_word_embeddings=True), torch.float16, (5,)),  # qkv bias
+    ("llama", {}, torch.bfloat16, (1,)),
+    ("qwen2_moe", dict(moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                       num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1]),
+     torch.float16, (2, 1)),                                     # a sparse layer stays unfused
+])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="forces the CUDA paths onto the CPU")
+def test_model_logits_equal_with_rmsnorm_in_gemv(tmp_path, monkeypatch, model_type: str,
+                                                 overrides: dict, dtype: torch.dtype,
+                                                 prompt_lens: tuple[int, ...]) -> None:
+    """A tiny model's logits with the decoder norms fused into the qkv and gate/up GEMVs
+    equal those with the norm's own kernel, bit for bit. CPU tensors take the CUDA
+    paths here: the GEMV dispatch admits them and RMSNorm runs its Triton kernels."""
+    from radixserve.configs.model_config import ModelConfig
+    from radixserve.layers import linear_dispatch
+    from radixserve.layers.layernorm import RMSNorm
+    from radixserve.layers.triton_kernels import gemv as gemv_module
+    from radixserve.models.llama import LlamaMLP
+    from radixserve.model_loader import load_model
+    from radixserve.server_args import ServerArgs
+    from tests.test_models import make_checkpoint, prefill_logits
+
+    make_checkpoint(str(tmp_path), model_type, **overrides)
+    args = ServerArgs(model_path=str(tmp_path), device="cpu", dtype=str(dtype)[6:])
+    config = ModelConfig.from_server_args(args)
+    model = load_model(args, config)
+    monkeypatch.setattr(linear_dispatch, "_GEMV_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(RMSNorm, "forward_native", _norm_by_kernel)
+    fused_calls = []
+    real = gemv_module.rmsnorm_gemv
+    monkeypatch.setattr(gemv_module, "rmsnorm_gemv",
+                        lambda *a, **kw: fused_calls.append(1) or real(*a, **kw))
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, config.vocab_size, (n,), generator=gen).tolist()
+               for n in prompt_lens]
+
+    def logits() -> torch.Tensor:
+        return torch.cat(prefill_logits(model, prompts, config.num_hidden_layers,
+                                        config.num_key_value_heads, config.head_dim))
+
+    fused = logits()
+    assert len(fused_calls) == sum(
+        isinstance(layer.mlp, LlamaMLP) for layer in model.model.layers) + len(
+        model.model.layers)
+    monkeypatch.setattr(linear_dispatch, "FUSE_RMSNORM", False)
+    unfused = logits()
+    assert not fused.isnan().any()
+    torch.testing.assert_close(fused, unfused, rtol=0, atol=0)

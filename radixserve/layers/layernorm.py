@@ -31,6 +31,14 @@ class RMSNorm(nn.Module):
                 return fused_add_rmsnorm(x, residual, self.weight, self.variance_epsilon)
         return self.forward_native(x, residual)
 
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); without a residual (a model's first
+        layer), (norm(x), x)."""
+        if residual is None:
+            return self(x), x
+        return self(x, residual)
+
     def forward_native(self, x: torch.Tensor, residual: torch.Tensor | None = None
                        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is not None:

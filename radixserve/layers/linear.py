@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from radixserve.distributed.parallel_state import get_tp_group, resolve_tp
-from radixserve.layers.linear_dispatch import linear
+from radixserve.layers.layernorm import RMSNorm
+from radixserve.layers.linear_dispatch import linear, rmsnorm_linear
 
 
 def check_weight_shape(loaded: torch.Tensor, expected: tuple[int, ...] | torch.Size) -> None:
@@ -82,6 +83,14 @@ class ColumnParallelLinear(LinearBase):
         rows = param.shape[0]
         check_weight_shape(loaded_weight, (rows * self.tp_size, *param.shape[1:]))
         param.data.copy_(loaded_weight.narrow(0, self.tp_rank * rows, rows))
+
+    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(norm(h)), h) for h = x + residual (x without one); at decode sizes the
+        add and the norm run inside the GEMV (see `rmsnorm_linear`). The input is
+        replicated across ranks, so each rank normalises its own full copy, as the
+        separate norm does."""
+        return rmsnorm_linear(x, residual, norm, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):

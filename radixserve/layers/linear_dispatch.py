@@ -7,21 +7,32 @@ At a few rows a linear layer only streams its weight. On an H100, in a CUDA grap
 latency-bound, the GEMV less so. Prefill and large decode batches are
 compute-bound and stay on cuBLAS, and so does float32 (the GPU parity tests compare it
 with HF exactly, and the GEMV's tensor-core path would round it to tf32).
+
+Where the GEMV runs it also takes in the elementwise op before it: SiLU-and-mul
+(`linear(..., silu_and_mul_input=True)`) and the residual add + RMSNorm
+(`rmsnorm_linear`). Each saves a kernel of a few microseconds, which at decode sizes is
+mostly launch latency.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import os
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
 from radixserve.layers.activation import silu_and_mul
+from radixserve.layers.layernorm import RMSNorm
 
 # Up to this many rows the GEMV beats cuBLAS at every Qwen3 shape on an H100.
 GEMV_MAX_ROWS = 16
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
+# Tests add "cpu" to run the GEMV paths in Triton's interpreter.
+_GEMV_DEVICES = ("cuda",)
+# RADIXSERVE_DISABLE_NORM_GEMV=1 runs the RMSNorm as its own kernel (for A/B timing).
+FUSE_RMSNORM = os.environ.get("RADIXSERVE_DISABLE_NORM_GEMV", "0") != "1"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -29,24 +40,51 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear(x, weight, bias) for x [..., K] and weight [N, K]. With
     silu_and_mul_input, x is [..., 2K] = cat(gate, up) and the input is silu(gate) * up
     (the GEMV applies it as it reads x; otherwise it runs first)."""
-    if (x.is_cuda and x.dtype in _GEMV_DTYPES and weight.dtype == x.dtype
-            and x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and weight.is_contiguous()):
-        kernel = _triton_gemv()
-        if kernel is not None:
-            rows = x.reshape(-1, x.shape[-1])
-            if rows.stride(-1) == 1:
-                out = kernel(rows, weight, bias, silu_and_mul_input=silu_and_mul_input)
-                return out.view(*x.shape[:-1], weight.shape[0])
+    rows = _gemv_rows(x, weight)
+    if rows is not None:
+        out = _gemv_module().gemv(rows, weight, bias, silu_and_mul_input=silu_and_mul_input)
+        return out.view(*x.shape[:-1], weight.shape[0])
     if silu_and_mul_input:
         x = silu_and_mul(x)
     return F.linear(x, weight, bias)
 
 
+def rmsnorm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                   weight: torch.Tensor, bias: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(norm(h), weight, bias), h) for h = x + residual, or x without a residual.
+
+    Where the GEMV runs, the add and the norm happen inside it, bit for bit as the norm's
+    own kernel computes them, and h is a new tensor. Elsewhere this is `norm.add_norm`
+    (which may update x and residual in place) followed by `linear`.
+    """
+    rows = _gemv_rows(x, weight) if FUSE_RMSNORM else None
+    res_rows = None if residual is None else residual.reshape(-1, x.shape[-1])
+    if rows is not None and (res_rows is None or (res_rows.shape == rows.shape
+                                                  and res_rows.dtype == x.dtype
+                                                  and res_rows.stride(-1) == 1)):
+        out, h = _gemv_module().rmsnorm_gemv(rows, res_rows, norm.weight,
+                                             norm.variance_epsilon, weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0]), h.view(x.shape)
+    x, residual = norm.add_norm(x, residual)
+    return linear(x, weight, bias), residual
+
+
+def _gemv_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """x as [M, K] rows when the GEMV takes this product, else None."""
+    if (x.device.type not in _GEMV_DEVICES or x.dtype not in _GEMV_DTYPES
+            or weight.dtype != x.dtype or x.numel() > GEMV_MAX_ROWS * x.shape[-1]
+            or not weight.is_contiguous() or _gemv_module() is None):
+        return None
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else None
+
+
 @functools.cache
-def _triton_gemv() -> Callable[..., torch.Tensor] | None:
+def _gemv_module() -> ModuleType | None:
     # Imported lazily (once) so CPU-only installs never import triton.
     try:
-        from radixserve.layers.triton_kernels.gemv import gemv
+        from radixserve.layers.triton_kernels import gemv
     except ImportError:
         return None
     return gemv

@@ -2,6 +2,7 @@
 
 Per layer: RMSNorm -> packed QKV -> (q/k norm) -> RoPE -> RadixAttention -> o_proj,
 then RMSNorm (fused with the residual add) -> packed gate/up -> SiluAndMul -> down.
+At decode sizes each RMSNorm (and add) runs inside the GEMV of the projection after it.
 The families differ only in a qkv bias and a per-head q/k RMSNorm, which the
 subclasses switch on through `qkv_bias` and `qk_norm`.
 """
@@ -44,6 +45,12 @@ class LlamaMLP(nn.Module):
         # SiLU-and-mul runs inside the down projection's GEMV at decode sizes.
         return self.down_proj(self.gate_up_proj(x), silu_and_mul_input=True)
 
+    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(norm(h)), h) for h = x + residual, the norm in gate/up's GEMV."""
+        gate_up, residual = self.gate_up_proj.forward_normed(x, residual, norm)
+        return self.down_proj(gate_up, silu_and_mul_input=True), residual
+
 
 class LlamaAttention(nn.Module):
     def __init__(self, config: PretrainedConfig, layer_id: int, rotary_emb: RotaryEmbedding,
@@ -65,15 +72,19 @@ class LlamaAttention(nn.Module):
                                    self.qkv_proj.num_kv_heads, layer_id)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
-                forward_batch: ForwardBatch) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+                residual: torch.Tensor | None, norm: RMSNorm, forward_batch: ForwardBatch
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention over norm(h), and h, for h = hidden + residual (hidden without one);
+        the add and the norm run in the qkv projection (its GEMV at decode sizes)."""
+        qkv, residual = self.qkv_proj.forward_normed(hidden, residual, norm)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # q, k, v stay strided views of the qkv output: the kernels and the backends
         # read rows by stride, so no copies are made.
         if self.qk_norm:
             q, k = self.rotary_emb.forward_with_qk_norm(positions, q, k, self.q_norm, self.k_norm)
         else:
             q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, forward_batch))
+        return self.o_proj(self.attn(q, k, v, forward_batch)), residual
 
 
 def _o_bias(config: PretrainedConfig) -> bool:
@@ -94,13 +105,17 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None, forward_batch: ForwardBatch
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        # The residual add of each sub-block is fused into the next norm.
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
+        # The residual add of each sub-block is fused into the next norm, and the norm
+        # into the projection that reads it where a sub-block starts with one (Llama's
+        # attention and MLP; not MLA, nor a MoE block, which reads it several times).
+        if isinstance(self.self_attn, LlamaAttention):
+            hidden, residual = self.self_attn(positions, hidden, residual,
+                                              self.input_layernorm, forward_batch)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, forward_batch)
+            hidden, residual = self.input_layernorm.add_norm(hidden, residual)
+            hidden = self.self_attn(positions, hidden, forward_batch)
+        if isinstance(self.mlp, LlamaMLP):
+            return self.mlp.forward_normed(hidden, residual, self.post_attention_layernorm)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 

@@ -17,6 +17,12 @@ With `silu_and_mul_input`, x is a gated MLP's packed [M, 2K] = cat(gate, up) and
 kernel multiplies silu(gate) * up (in fp32, rounded to x's dtype, as the separate
 `silu_and_mul` kernel rounds) as it loads it: the down projection of a decode step then
 costs one kernel instead of two.
+
+`rmsnorm_gemv` does the same for the RMSNorm before qkv and gate/up: every program
+first sums the squares of each whole row of h = x + residual (x and the residual are a
+few KB, read again from L2 by each program), then normalises h as it loads it, with the
+`rmsnorm` kernel's roundings. Program (0, 0) also writes h, the next residual, to a new
+tensor. A decode layer then runs two fewer kernels.
 """
 
 from __future__ import annotations
@@ -54,11 +60,53 @@ def _load_x(X, offs, mask, K, ACT: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(X, W, Bias, Out, Part, M, N, K, k_per_split, stride_xm, stride_wn, stride_om,
-                 ACT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                 USE_DOT: tl.constexpr,
+def _load_h(x_ptrs, r_ptrs, mask, HAS_RESIDUAL: tl.constexpr):
+    """h = x + residual, rounded to the residual's dtype as _rmsnorm_kernel rounds it;
+    x alone without a residual."""
+    h = tl.load(x_ptrs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptrs, mask=mask, other=0.0)
+        h = (h.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
+    return h
+
+
+@triton.jit
+def _rows_rstd(X, Residual, NewResidual, M, K, stride_xm, stride_rm, eps, store_h,
+               HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, NORM_BLOCK: tl.constexpr):
+    """1 / rms of each row of h over all of K, as a [BLOCK_M] vector (0 past M). Each
+    row is one sum over a NORM_BLOCK vector, as in _rmsnorm_kernel: on a GPU the two
+    sums are the same where both kernels spread the row over as many warps (4 at
+    513 <= K <= 1024, the GEMV's usual 4); elsewhere they may differ in the last bit.
+    With store_h the program also writes h to NewResidual."""
+    offs = tl.arange(0, NORM_BLOCK)
+    mask = offs < K
+    rows = tl.arange(0, BLOCK_M)
+    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for m in range(M):
+        h = _load_h(X + m * stride_xm + offs, Residual + m * stride_rm + offs, mask,
+                    HAS_RESIDUAL)
+        if HAS_RESIDUAL:
+            if store_h:
+                tl.store(NewResidual + m * K + offs, h, mask=mask)
+        hf = h.to(tl.float32)
+        rstd = tl.where(rows == m, 1.0 / tl.sqrt(tl.sum(hf * hf, 0) / K + eps), rstd)
+    return rstd
+
+
+@triton.jit
+def _normed(h, rstd, w):
+    """rmsnorm(h) * w with _rmsnorm_kernel's roundings (to h's dtype, twice)."""
+    normed = (h.to(tl.float32) * rstd).to(h.dtype).to(tl.float32)
+    return (normed * w.to(tl.float32)).to(h.dtype)
+
+
+@triton.jit
+def _gemv_kernel(X, W, Bias, Out, Part, Residual, NormW, NewResidual, M, N, K, k_per_split,
+                 stride_xm, stride_rm, stride_wn, stride_om, eps,
+                 ACT: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr,
                  EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+                 BLOCK_K: tl.constexpr, NORM_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pdl_wait(USE_PDL)
@@ -66,6 +114,11 @@ def _gemv_kernel(X, W, Bias, Out, Part, M, N, K, k_per_split, stride_xm, stride_
     offs_m = tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
     m_mask = offs_m < M
+    if NORM:
+        # Every program needs the whole rows for their rms; program (0, 0) alone stores
+        # the new residual.
+        rstd = _rows_rstd(X, Residual, NewResidual, M, K, stride_xm, stride_rm, eps,
+                          (pid_n == 0) & (pid_k == 0), HAS_RESIDUAL, BLOCK_M, NORM_BLOCK)
     # Rows past N read row 0 (in bounds, discarded at the store), so W's loads need a
     # mask only along K, and none when K tiles evenly.
     w_rows = W + tl.where(n_mask, offs_n, 0).to(tl.int64)[:, None] * stride_wn
@@ -77,16 +130,28 @@ def _gemv_kernel(X, W, Bias, Out, Part, M, N, K, k_per_split, stride_xm, stride_
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
         if EVEN_K:
             w = tl.load(w_rows + offs_k[None, :])
         else:
-            w = tl.load(w_rows + offs_k[None, :], mask=(offs_k < K)[None, :], other=0.0)
+            w = tl.load(w_rows + offs_k[None, :], mask=k_mask[None, :], other=0.0)
         if USE_DOT:
-            x = _load_x(X, offs_m[None, :] * stride_xm + offs_k[:, None],
-                        m_mask[None, :] & (offs_k < K)[:, None], K, ACT)
+            mk_mask = m_mask[None, :] & k_mask[:, None]
+            if NORM:
+                h = _load_h(X + offs_m[None, :] * stride_xm + offs_k[:, None],
+                            Residual + offs_m[None, :] * stride_rm + offs_k[:, None],
+                            mk_mask, HAS_RESIDUAL)
+                x = _normed(h, rstd[None, :],
+                            tl.load(NormW + offs_k, mask=k_mask, other=0.0)[:, None])
+            else:
+                x = _load_x(X, offs_m[None, :] * stride_xm + offs_k[:, None], mk_mask, K, ACT)
             acc = tl.dot(w, x.to(w.dtype), acc)
         else:
-            x = _load_x(X, offs_k, offs_k < K, K, ACT)
+            if NORM:
+                h = _load_h(X + offs_k, Residual + offs_k, k_mask, HAS_RESIDUAL)
+                x = _normed(h, rstd, tl.load(NormW + offs_k, mask=k_mask, other=0.0))
+            else:
+                x = _load_x(X, offs_k, k_mask, K, ACT)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     pdl_launch_dependents(USE_PDL)
     if USE_DOT:
@@ -146,13 +211,53 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     """x: [M, K] (M <= 16, last dim contiguous); weight: [N, K] contiguous; bias: [N].
     Returns [M, N] in x's dtype, accumulated in fp32. With silu_and_mul_input, x is
     [M, 2K] = cat(gate, up) and the product is silu(gate) * up @ weight^T."""
+    k = x.shape[1] // 2 if silu_and_mul_input else x.shape[1]
+    _check(x, weight, k)
+    return _launch(x, weight, bias, k, config, act=silu_and_mul_input)
+
+
+@dataclass(frozen=True, slots=True)
+class _NormInput:
+    residual: torch.Tensor | None
+    weight: torch.Tensor
+    eps: float
+    new_residual: torch.Tensor | None
+
+
+def rmsnorm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                 eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """gemv(rmsnorm(h, norm_weight, eps), weight, bias) for h = x + residual (x alone
+    when residual is None), bit for bit the rmsnorm / fused_add_rmsnorm kernel followed
+    by gemv. Returns (out, h); h is a new tensor (x itself without a residual), since
+    every program reads all of x and residual, so none may overwrite them."""
     m, k = x.shape
-    if silu_and_mul_input:
-        k //= 2
-    n = weight.shape[0]
-    if m > MAX_M or weight.shape[1] != k or x.stride(1) != 1 or weight.stride(1) != 1:
+    _check(x, weight, k)
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
+                                 or residual.stride(1) != 1):
+        raise ValueError(f"the residual must match x {tuple(x.shape)} {x.dtype} with a "
+                         f"contiguous last dim; got {tuple(residual.shape)} {residual.dtype}")
+    if norm_weight.shape != (k,) or not norm_weight.is_contiguous():
+        raise ValueError(f"norm_weight must be a contiguous [{k}]; got "
+                         f"{tuple(norm_weight.shape)}")
+    new_residual = (None if residual is None
+                    else torch.empty(m, k, dtype=x.dtype, device=x.device))
+    norm = _NormInput(residual, norm_weight, eps, new_residual)
+    return _launch(x, weight, bias, k, config, norm=norm), (
+        x if new_residual is None else new_residual)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, k: int) -> None:
+    if (x.shape[0] > MAX_M or weight.shape[1] != k or x.stride(1) != 1
+            or weight.stride(1) != 1):
         raise ValueError(f"gemv needs M <= {MAX_M} and last-dim-contiguous operands; got x "
                          f"{tuple(x.shape)} and weight {tuple(weight.shape)}")
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int,
+            config: GemvConfig | None, act: bool = False,
+            norm: _NormInput | None = None) -> torch.Tensor:
+    m, n = x.shape[0], weight.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
@@ -164,11 +269,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     part = (torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
             if split_k > 1 else out)
     b = bias if bias is not None else out
+    has_norm = norm is not None
+    has_residual = has_norm and norm.residual is not None
+    # Pointers that the constexprs leave unused point at x.
+    residual = norm.residual if has_residual else x
+    new_residual = norm.new_residual if has_residual else x
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), split_k)](
-        x, weight, b, out, part, m, n, k, k_per_split, x.stride(0), weight.stride(0),
-        out.stride(0), ACT=silu_and_mul_input, HAS_BIAS=bias is not None, SPLIT=split_k > 1, USE_DOT=cfg.use_dot,
-        EVEN_K=k % cfg.block_k == 0, BLOCK_M=MAX_M if cfg.use_dot else 1,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        x, weight, b, out, part, residual, norm.weight if has_norm else x, new_residual,
+        m, n, k, k_per_split, x.stride(0), residual.stride(0), weight.stride(0),
+        out.stride(0), norm.eps if has_norm else 0.0, ACT=act, NORM=has_norm,
+        HAS_RESIDUAL=has_residual, HAS_BIAS=bias is not None, SPLIT=split_k > 1,
+        USE_DOT=cfg.use_dot, EVEN_K=k % cfg.block_k == 0,
+        BLOCK_M=MAX_M if cfg.use_dot else 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        NORM_BLOCK=triton.next_power_of_2(k) if has_norm else 1, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **pdl_kwargs(x))
     if split_k > 1:
         block = 1024
