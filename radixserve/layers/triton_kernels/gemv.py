@@ -101,6 +101,42 @@ def _normed(h, rstd, w):
 
 
 @triton.jit
+def _load_w(w_rows, k0, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK_N, BLOCK_K] tile of W's rows at columns k0..k0 + BLOCK_K."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        return tl.load(w_rows + offs_k[None, :])
+    return tl.load(w_rows + offs_k[None, :], mask=(offs_k < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _accumulate(acc, w, k0, X, Residual, NormW, rstd, offs_m, m_mask, K, stride_xm, stride_rm,
+                ACT: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                USE_DOT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc plus the W tile at k0 times the matching slice of the input (silu-and-mul'd
+    or normalised as it loads, per ACT / NORM)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    if USE_DOT:
+        mk_mask = m_mask[None, :] & k_mask[:, None]
+        if NORM:
+            h = _load_h(X + offs_m[None, :] * stride_xm + offs_k[:, None],
+                        Residual + offs_m[None, :] * stride_rm + offs_k[:, None],
+                        mk_mask, HAS_RESIDUAL)
+            x = _normed(h, rstd[None, :],
+                        tl.load(NormW + offs_k, mask=k_mask, other=0.0)[:, None])
+        else:
+            x = _load_x(X, offs_m[None, :] * stride_xm + offs_k[:, None], mk_mask, K, ACT)
+        return tl.dot(w, x.to(w.dtype), acc)
+    if NORM:
+        h = _load_h(X + offs_k, Residual + offs_k, k_mask, HAS_RESIDUAL)
+        x = _normed(h, rstd, tl.load(NormW + offs_k, mask=k_mask, other=0.0))
+    else:
+        x = _load_x(X, offs_k, k_mask, K, ACT)
+    return acc + w.to(tl.float32) * x.to(tl.float32)[None, :]
+
+
+@triton.jit
 def _gemv_kernel(X, W, Bias, Out, Part, Residual, NormW, NewResidual, M, N, K, k_per_split,
                  stride_xm, stride_rm, stride_wn, stride_om, eps,
                  ACT: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
@@ -109,50 +145,38 @@ def _gemv_kernel(X, W, Bias, Out, Part, Residual, NormW, NewResidual, M, N, K, k
                  BLOCK_K: tl.constexpr, NORM_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pdl_wait(USE_PDL)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
     m_mask = offs_m < M
-    if NORM:
-        # Every program needs the whole rows for their rms; program (0, 0) alone stores
-        # the new residual.
-        rstd = _rows_rstd(X, Residual, NewResidual, M, K, stride_xm, stride_rm, eps,
-                          (pid_n == 0) & (pid_k == 0), HAS_RESIDUAL, BLOCK_M, NORM_BLOCK)
     # Rows past N read row 0 (in bounds, discarded at the store), so W's loads need a
     # mask only along K, and none when K tiles evenly.
     w_rows = W + tl.where(n_mask, offs_n, 0).to(tl.int64)[:, None] * stride_wn
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
+    # W is a constant no kernel writes, so its first tile (at the Qwen3 decode shapes
+    # most programs have one or two) is loaded before waiting for the predecessor
+    # (PDL): the weight stream, which is this kernel's whole cost, starts while the
+    # kernel before it is still finishing. Everything else waits.
+    w = _load_w(w_rows, k_lo, K, EVEN_K, BLOCK_K)
+    pdl_wait(USE_PDL)
+    rstd = 0.0
+    if NORM:
+        # Every program needs the whole rows for their rms; program (0, 0) alone stores
+        # the new residual.
+        rstd = _rows_rstd(X, Residual, NewResidual, M, K, stride_xm, stride_rm, eps,
+                          (pid_n == 0) & (pid_k == 0), HAS_RESIDUAL, BLOCK_M, NORM_BLOCK)
     if USE_DOT:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        if EVEN_K:
-            w = tl.load(w_rows + offs_k[None, :])
-        else:
-            w = tl.load(w_rows + offs_k[None, :], mask=k_mask[None, :], other=0.0)
-        if USE_DOT:
-            mk_mask = m_mask[None, :] & k_mask[:, None]
-            if NORM:
-                h = _load_h(X + offs_m[None, :] * stride_xm + offs_k[:, None],
-                            Residual + offs_m[None, :] * stride_rm + offs_k[:, None],
-                            mk_mask, HAS_RESIDUAL)
-                x = _normed(h, rstd[None, :],
-                            tl.load(NormW + offs_k, mask=k_mask, other=0.0)[:, None])
-            else:
-                x = _load_x(X, offs_m[None, :] * stride_xm + offs_k[:, None], mk_mask, K, ACT)
-            acc = tl.dot(w, x.to(w.dtype), acc)
-        else:
-            if NORM:
-                h = _load_h(X + offs_k, Residual + offs_k, k_mask, HAS_RESIDUAL)
-                x = _normed(h, rstd, tl.load(NormW + offs_k, mask=k_mask, other=0.0))
-            else:
-                x = _load_x(X, offs_k, k_mask, K, ACT)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    # Every split holds at least one BLOCK_K step (see _launch), so the first is real.
+    acc = _accumulate(acc, w, k_lo, X, Residual, NormW, rstd, offs_m, m_mask, K,
+                      stride_xm, stride_rm, ACT, NORM, HAS_RESIDUAL, USE_DOT, BLOCK_K)
+    for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
+        w = _load_w(w_rows, k0, K, EVEN_K, BLOCK_K)
+        acc = _accumulate(acc, w, k0, X, Residual, NormW, rstd, offs_m, m_mask, K,
+                          stride_xm, stride_rm, ACT, NORM, HAS_RESIDUAL, USE_DOT, BLOCK_K)
     pdl_launch_dependents(USE_PDL)
     if USE_DOT:
         out = acc

@@ -8,8 +8,10 @@ signals with `pdl_launch_dependents` once its programs have done their loads, so
 next launch overlaps its stores. Inside a CUDA graph the same edges are captured.
 
 The rule that keeps this correct: a kernel launched with PDL calls `pdl_wait` before
-it touches any memory a previous kernel may write or read. Every kernel here waits
-first thing, so the overlap is launch latency and ramp-up only, never data.
+it touches any memory a previous kernel may write or read. The one exception is
+memory no kernel ever writes: the GEMV loads its first weight tile before it waits, so
+that weight stream overlaps the previous kernel's tail. Every other kernel waits first
+thing, so its overlap is launch latency and ramp-up only, never data.
 
 Off on CPU (the interpreter has no grid dependency control), before Hopper, and with
 RADIXSERVE_DISABLE_PDL=1 (for A/B timing).
