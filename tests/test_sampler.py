@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import math
+import os
 
-import pytest
 import torch
 
-from radixserve.layers.sampler import Sampler, get_token_logprobs
-from radixserve.managers.schedule_batch import Req
-from radixserve.sampling.sampling_batch_info import GreedyInfoCache, SamplingBatchInfo
-from radixserve.sampling_params import SamplingParams
+if not torch.cuda.is_available():
+    # Sampler(fused_grammar_argmax=True) runs its Triton kernel in the CPU interpreter,
+    # which must be on before the kernel module is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from radixserve.constrained.xgrammar_backend import VocabMask  # noqa: E402
+from radixserve.layers.sampler import Sampler, get_token_logprobs  # noqa: E402
+from radixserve.managers.schedule_batch import Req  # noqa: E402
+from radixserve.sampling.sampling_batch_info import (  # noqa: E402
+    GreedyInfoCache, SamplingBatchInfo)
+from radixserve.sampling_params import SamplingParams  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -255,13 +264,72 @@ def test_cuda_forward_does_not_sync() -> None:
     reqs = [make_req(0, seed=1, top_p=0.9, min_p=0.1, repetition_penalty=1.2,
                      output_ids=(4, 5)), make_req(1), make_req(2, temperature=0.0)]
     info = SamplingBatchInfo.from_reqs(reqs, 1000, "cuda")
+    greedy = SamplingBatchInfo.from_reqs([make_req(i, temperature=0.0) for i in range(3)],
+                                         1000, "cuda")
+    greedy.vocab_mask = VocabMask(torch.full((3, 32), -1, dtype=torch.int32, device="cuda"),
+                                  torch.tensor([0, 2], dtype=torch.int32, device="cuda"))
     logits = torch.randn(3, 1000, device="cuda")
+    Sampler()(logits, greedy)  # compiles the masked-argmax kernel
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         Sampler()(logits, info)
+        Sampler()(logits, greedy)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# --- grammar masks --------------------------------------------------------------------
+
+
+def random_vocab_mask(batch: int, vocab: int, rows: list[int] | None, device: str,
+                      gen: torch.Generator) -> VocabMask:
+    words = (vocab + 31) // 32
+    bits = torch.randint(-2**31, 2**31, (batch, words), generator=gen, dtype=torch.int64)
+    bits[0] = 0
+    bits[0, 3] = 1 << 5  # row 0 allows one token, 101
+    index = None if rows is None else torch.tensor(rows, dtype=torch.int32, device=device)
+    return VocabMask(bits.to(device, torch.int32), index)
+
+
+@pytest.mark.parametrize("batch,vocab,rows", [(1, 1000, None), (3, 4099, [0, 2]),
+                                              (17, 1000, None), (17, 4099, [0, 5, 16])])
+def test_fused_grammar_argmax_equals_processor_path(device: str, batch: int, vocab: int,
+                                                    rows: list[int] | None,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A greedy batch whose only processor is the grammar mask gives the same ids through
+    the masked-argmax kernel as through the float32 copy, xgrammar's mask and argmax;
+    batches with other processors or sampled rows keep that path."""
+    gen = torch.Generator().manual_seed(batch + vocab)
+    logits = torch.randint(-3, 4, (batch, vocab), generator=gen).float()  # many ties
+    logits[-1, ::3] = float("-inf")
+    logits = logits.to(device)
+    info = SamplingBatchInfo.from_reqs([make_req(i, temperature=0.0) for i in range(batch)],
+                                       vocab, device)
+    info.vocab_mask = random_vocab_mask(batch, vocab, rows, device, gen)
+    old = Sampler(fused_grammar_argmax=False)(logits, info)
+    assert old[0] == 101 or (rows is not None and 0 not in rows)
+
+    def refuse(self: VocabMask, logits: torch.Tensor) -> None:
+        raise AssertionError("the fused path must not apply the mask to a copy")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(VocabMask, "apply", refuse)
+        assert torch.equal(Sampler(fused_grammar_argmax=True)(logits, info), old)
+        if device == "cuda":  # the default: fused on CUDA only
+            assert torch.equal(Sampler()(logits, info), old)
+
+    before = logits.clone()
+    for params in ({"temperature": 0.0, "repetition_penalty": 1.5, "output_ids": (1,)},
+                   {"temperature": 0.0, "min_new_tokens": 2, "eos_token_ids": {101}},
+                   {"temperature": 0.7, "seed": 3}):
+        reqs = [make_req(i, temperature=0.0) for i in range(batch - 1)] + [make_req(9, **params)]
+        info = SamplingBatchInfo.from_reqs(reqs, vocab, device)
+        info.vocab_mask = random_vocab_mask(batch, vocab, rows, device,
+                                            torch.Generator().manual_seed(vocab))
+        assert torch.equal(Sampler(fused_grammar_argmax=True)(logits, info),
+                           Sampler(fused_grammar_argmax=False)(logits, info))
+    assert torch.equal(logits, before)
 
 
 # --- logprobs -------------------------------------------------------------------------
