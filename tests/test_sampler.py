@@ -13,8 +13,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import xgrammar as xgr  # noqa: E402
 
-from radixserve.constrained.xgrammar_backend import VocabMask  # noqa: E402
+from radixserve.constrained.xgrammar_backend import HostBitmasks, VocabMask  # noqa: E402
 from radixserve.layers.sampler import Sampler, get_token_logprobs  # noqa: E402
 from radixserve.managers.schedule_batch import Req  # noqa: E402
 from radixserve.sampling.sampling_batch_info import (  # noqa: E402
@@ -330,6 +331,38 @@ def test_fused_grammar_argmax_equals_processor_path(device: str, batch: int, voc
         assert torch.equal(Sampler(fused_grammar_argmax=True)(logits, info),
                            Sampler(fused_grammar_argmax=False)(logits, info))
     assert torch.equal(logits, before)
+
+
+def test_grammar_masks_from_matchers(device: str) -> None:
+    """Masks filled by real matchers and sent to the device (on CUDA, on a side stream
+    while a long kernel runs on the current one) give the grammar's tokens."""
+    vocab = ["<eos>", "a", "b", "ab", "c", "1", "2", "12"] + [f"t{i}" for i in range(92)]
+    tokenizer = xgr.TokenizerInfo(vocab, vocab_size=1000, stop_token_ids=[0])
+    compiled = xgr.GrammarCompiler(tokenizer).compile_regex(r"(a|b)+c[12]*")
+    matchers = [xgr.GrammarMatcher(compiled) for _ in range(4)]
+    matchers[1].accept_token(3)  # "ab": next is a, b, ab or c
+    matchers[2] = None  # no grammar
+    for t in (1, 4):  # "ac": next is 1, 2, 12 or EOS
+        matchers[3].accept_token(t)
+    logits = torch.zeros(4, 1000)
+    logits[:, 500] = 9.0  # outside every grammar
+    logits[:, 2] = logits[:, 6] = 1.0
+    logits[:, 7] = logits[:, 3] = 1.0  # ties with 2 and 6: the first one wins
+    logits = logits.to(device)
+    info = SamplingBatchInfo.from_reqs([make_req(i, temperature=0.0) for i in range(4)],
+                                       1000, device)
+    info.grammar_matchers = matchers
+    buffers = HostBitmasks(pinned=device == "cuda")
+    for _ in range(3):  # the host buffers are reused in turn
+        if device == "cuda":
+            busy = torch.randn(4096, 4096, device=device) / 64
+            for _ in range(8):
+                busy = busy @ busy
+        info.update_vocab_mask(buffers)
+        assert info.vocab_mask is not None and info.vocab_mask.rows is not None
+        for fused in (True, False):
+            ids = Sampler(fused_grammar_argmax=fused)(logits, info).tolist()
+            assert ids == [2, 2, 500, 6], fused
 
 
 # --- logprobs -------------------------------------------------------------------------
