@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import math
+import os
 
-import pytest
 import torch
 
-from radixserve.layers.sampler import Sampler, get_token_logprobs
-from radixserve.managers.schedule_batch import Req
-from radixserve.sampling.sampling_batch_info import GreedyInfoCache, SamplingBatchInfo
-from radixserve.sampling_params import SamplingParams
+if not torch.cuda.is_available():
+    # Sampler(fused_grammar_argmax=True) runs its Triton kernel in the CPU interpreter,
+    # which must be on before the kernel module is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import xgrammar as xgr  # noqa: E402
+
+from radixserve.constrained.xgrammar_backend import HostBitmasks, VocabMask  # noqa: E402
+from radixserve.layers.sampler import Sampler, get_token_logprobs  # noqa: E402
+from radixserve.managers.schedule_batch import Req  # noqa: E402
+from radixserve.sampling.sampling_batch_info import (  # noqa: E402
+    GreedyInfoCache, SamplingBatchInfo)
+from radixserve.sampling_params import SamplingParams  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -255,13 +265,104 @@ def test_cuda_forward_does_not_sync() -> None:
     reqs = [make_req(0, seed=1, top_p=0.9, min_p=0.1, repetition_penalty=1.2,
                      output_ids=(4, 5)), make_req(1), make_req(2, temperature=0.0)]
     info = SamplingBatchInfo.from_reqs(reqs, 1000, "cuda")
+    greedy = SamplingBatchInfo.from_reqs([make_req(i, temperature=0.0) for i in range(3)],
+                                         1000, "cuda")
+    greedy.vocab_mask = VocabMask(torch.full((3, 32), -1, dtype=torch.int32, device="cuda"),
+                                  torch.tensor([0, 2], dtype=torch.int32, device="cuda"))
     logits = torch.randn(3, 1000, device="cuda")
+    Sampler()(logits, greedy)  # compiles the masked-argmax kernel
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         Sampler()(logits, info)
+        Sampler()(logits, greedy)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# --- grammar masks --------------------------------------------------------------------
+
+
+def random_vocab_mask(batch: int, vocab: int, rows: list[int] | None, device: str,
+                      gen: torch.Generator) -> VocabMask:
+    words = (vocab + 31) // 32
+    bits = torch.randint(-2**31, 2**31, (batch, words), generator=gen, dtype=torch.int64)
+    bits[0] = 0
+    bits[0, 3] = 1 << 5  # row 0 allows one token, 101
+    index = None if rows is None else torch.tensor(rows, dtype=torch.int32, device=device)
+    return VocabMask(bits.to(device, torch.int32), index)
+
+
+@pytest.mark.parametrize("batch,vocab,rows", [(1, 1000, None), (3, 4099, [0, 2]),
+                                              (17, 1000, None), (17, 4099, [0, 5, 16])])
+def test_fused_grammar_argmax_equals_processor_path(device: str, batch: int, vocab: int,
+                                                    rows: list[int] | None,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A greedy batch whose only processor is the grammar mask gives the same ids through
+    the masked-argmax kernel as through the float32 copy, xgrammar's mask and argmax;
+    batches with other processors or sampled rows keep that path."""
+    gen = torch.Generator().manual_seed(batch + vocab)
+    logits = torch.randint(-3, 4, (batch, vocab), generator=gen).float()  # many ties
+    logits[-1, ::3] = float("-inf")
+    logits = logits.to(device)
+    info = SamplingBatchInfo.from_reqs([make_req(i, temperature=0.0) for i in range(batch)],
+                                       vocab, device)
+    info.vocab_mask = random_vocab_mask(batch, vocab, rows, device, gen)
+    old = Sampler(fused_grammar_argmax=False)(logits, info)
+    assert old[0] == 101 or (rows is not None and 0 not in rows)
+
+    def refuse(self: VocabMask, logits: torch.Tensor) -> None:
+        raise AssertionError("the fused path must not apply the mask to a copy")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(VocabMask, "apply", refuse)
+        assert torch.equal(Sampler(fused_grammar_argmax=True)(logits, info), old)
+        if device == "cuda":  # the default: fused on CUDA only
+            assert torch.equal(Sampler()(logits, info), old)
+
+    before = logits.clone()
+    for params in ({"temperature": 0.0, "repetition_penalty": 1.5, "output_ids": (1,)},
+                   {"temperature": 0.0, "min_new_tokens": 2, "eos_token_ids": {101}},
+                   {"temperature": 0.7, "seed": 3}):
+        reqs = [make_req(i, temperature=0.0) for i in range(batch - 1)] + [make_req(9, **params)]
+        info = SamplingBatchInfo.from_reqs(reqs, vocab, device)
+        info.vocab_mask = random_vocab_mask(batch, vocab, rows, device,
+                                            torch.Generator().manual_seed(vocab))
+        assert torch.equal(Sampler(fused_grammar_argmax=True)(logits, info),
+                           Sampler(fused_grammar_argmax=False)(logits, info))
+    assert torch.equal(logits, before)
+
+
+def test_grammar_masks_from_matchers(device: str) -> None:
+    """Masks filled by real matchers and sent to the device (on CUDA, on a side stream
+    while a long kernel runs on the current one) give the grammar's tokens."""
+    vocab = ["<eos>", "a", "b", "ab", "c", "1", "2", "12"] + [f"t{i}" for i in range(92)]
+    tokenizer = xgr.TokenizerInfo(vocab, vocab_size=1000, stop_token_ids=[0])
+    compiled = xgr.GrammarCompiler(tokenizer).compile_regex(r"(a|b)+c[12]*")
+    matchers = [xgr.GrammarMatcher(compiled) for _ in range(4)]
+    matchers[1].accept_token(3)  # "ab": next is a, b, ab or c
+    matchers[2] = None  # no grammar
+    for t in (1, 4):  # "ac": next is 1, 2, 12 or EOS
+        matchers[3].accept_token(t)
+    logits = torch.zeros(4, 1000)
+    logits[:, 500] = 9.0  # outside every grammar
+    logits[:, 2] = logits[:, 6] = 1.0
+    logits[:, 7] = logits[:, 3] = 1.0  # ties with 2 and 6: the first one wins
+    logits = logits.to(device)
+    info = SamplingBatchInfo.from_reqs([make_req(i, temperature=0.0) for i in range(4)],
+                                       1000, device)
+    info.grammar_matchers = matchers
+    buffers = HostBitmasks(pinned=device == "cuda")
+    for _ in range(3):  # the host buffers are reused in turn
+        if device == "cuda":
+            busy = torch.randn(4096, 4096, device=device) / 64
+            for _ in range(8):
+                busy = busy @ busy
+        info.update_vocab_mask(buffers)
+        assert info.vocab_mask is not None and info.vocab_mask.rows is not None
+        for fused in (True, False):
+            ids = Sampler(fused_grammar_argmax=fused)(logits, info).tolist()
+            assert ids == [2, 2, 500, 6], fused
 
 
 # --- logprobs -------------------------------------------------------------------------

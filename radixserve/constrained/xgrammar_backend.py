@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from radixserve.device_utils import host_to_device
+from radixserve.device_utils import to_device_beside
 from radixserve.sampling_params import SamplingParams
 
 # `json_schema` set to this value means "any JSON object or array" (xgrammar's built-in
@@ -137,12 +137,21 @@ def fill_vocab_mask(matchers: list[Any | None], vocab_size: int, device: torch.d
     # One call fills every row, on xgrammar's own threads, without the GIL. Rows left
     # out keep stale bits, which is harmless: only `rows` are applied.
     _batch_matcher().batch_fill_next_token_bitmask([matchers[i] for i in rows], bitmask, rows)
-    if torch.device(device).type == "cuda":
-        bitmask = bitmask.to(device, non_blocking=True)
-    # Row indices go up as a tensor through pinned memory: given a list, xgrammar copies
-    # it from pageable memory, which blocks the host until the forward in flight ends.
-    indices = None if len(rows) == len(matchers) else host_to_device(rows, torch.int32, device)
-    return VocabMask(bitmask, indices)
+    # Row indices go to the device as a tensor: given a list, xgrammar would copy it from
+    # pageable memory, which blocks the host until the forward in flight ends.
+    indices = None if len(rows) == len(matchers) else torch.tensor(rows, dtype=torch.int32)
+    if torch.device(device).type != "cuda":
+        return VocabMask(bitmask, indices)
+    # The forward is already queued on the current stream; queued behind it, the
+    # copies would wait for it and then hold up the sampling. On a side stream they run
+    # during the forward, and the sampling, queued after this, waits for them. The host
+    # bitmask is not refilled before the copy has read it: HostBitmasks hands it out
+    # again two fills later, after the scheduler has waited for this batch's sampled
+    # tokens, which are sampled only once the copy is done. The indices' staging buffer
+    # is the caching host allocator's, which holds it until the side stream's copy ends.
+    host = [bitmask] if indices is None else [bitmask, indices.pin_memory()]
+    uploaded = to_device_beside(host, device)
+    return VocabMask(uploaded[0], None if indices is None else uploaded[1])
 
 
 def accept_tokens(matchers: list[Any], tokens: list[int]) -> list[bool]:

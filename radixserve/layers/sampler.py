@@ -10,6 +10,9 @@ per-row generator or a host sync.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
 from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
@@ -18,6 +21,14 @@ _MASK32 = 0xFFFFFFFF
 
 
 class Sampler(torch.nn.Module):
+    def __init__(self, fused_grammar_argmax: bool | None = None) -> None:
+        """`fused_grammar_argmax`: whether a greedy batch whose only logits processor is
+        a grammar mask takes the masked-argmax kernel instead of the float32 copy, the
+        mask and the argmax (same ids). None: on CUDA when Triton imports; True also runs
+        it on CPU tensors, in Triton's interpreter."""
+        super().__init__()
+        self.fused_grammar_argmax = fused_grammar_argmax
+
     def forward(self, logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
         """Next token of every row ([B] int64) from `logits` ([B, V]); `logits` is not modified.
 
@@ -25,6 +36,11 @@ class Sampler(torch.nn.Module):
         top-k, top-p and min-p filters, then the draw. Greedy rows (top_k == 1) return
         exactly the argmax of the processed logits, also inside a mixed batch.
         """
+        mask = info.vocab_mask
+        if mask is not None and info.is_all_greedy and info.has_only_grammar_mask:
+            kernel = self._masked_argmax(logits)
+            if kernel is not None:
+                return kernel(logits, mask.bitmask, mask.rows)
         if info.has_logits_processors:
             logits = logits.to(torch.float32, copy=True)
             info.apply_logits_processors(logits)
@@ -44,6 +60,22 @@ class Sampler(torch.nn.Module):
             probs = _min_p(probs, info.min_ps)
         sampled = probs.div_(_exponentials(probs, info)).argmax(dim=-1)
         return torch.where(info.top_ks == 1, greedy, sampled)
+
+    def _masked_argmax(self, logits: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+        use = self.fused_grammar_argmax
+        if use is False or (use is None and not logits.is_cuda):
+            return None
+        return _triton_masked_argmax()
+
+
+@functools.cache
+def _triton_masked_argmax() -> Callable[..., torch.Tensor] | None:
+    # Imported lazily (once) so CPU-only installs never import triton.
+    try:
+        from radixserve.layers.triton_kernels.masked_argmax import masked_argmax
+    except ImportError:
+        return None
+    return masked_argmax
 
 
 def _top_k_top_p_min_p(probs: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:

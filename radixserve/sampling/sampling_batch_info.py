@@ -103,6 +103,13 @@ class SamplingBatchInfo:
         return (self.penalties is not None or self.min_tokens_rows is not None
                 or self.vocab_mask is not None)
 
+    @property
+    def has_only_grammar_mask(self) -> bool:
+        """The grammar mask is the batch's one logits processor: a greedy batch's tokens
+        are then a masked argmax of the raw logits."""
+        return (self.vocab_mask is not None and self.penalties is None
+                and self.min_tokens_rows is None)
+
     def apply_logits_processors(self, logits: torch.Tensor) -> None:
         """Apply penalties and the min_new_tokens block to `logits` ([B, V] float32) in place."""
         if self.penalties is not None:

@@ -237,3 +237,34 @@ def test_cascade_decode_attention(heads: int, kv_heads: int, dtype: torch.dtype)
     ref = decode_attention_reference(q, k_buf, v_buf, kv.req_to_token, rows, seq,
                                      head_dim ** -0.5)
     assert rel_err(out, ref) < TOL[dtype]
+
+
+# --- grammar: greedy tokens under a bitmask -------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,subset", [(1, False), (64, False), (64, True), (256, True)])
+def test_masked_argmax_at_qwen3_vocab(batch: int, subset: bool, dtype: torch.dtype) -> None:
+    """Qwen3's vocabulary, with masks like a 49,152-token tokenizer's grammar (the ids
+    past it never allowed), against the reference and today's xgrammar path."""
+    import xgrammar as xgr
+
+    from radixserve.layers.triton_kernels.masked_argmax import (
+        masked_argmax, masked_argmax_reference)
+
+    vocab = 151936
+    gen = torch.Generator(device=DEVICE).manual_seed(batch)
+    logits = torch.randn(batch, vocab, device=DEVICE, generator=gen).to(dtype)
+    logits[:, ::7] = logits[:, :1]  # ties with token 0
+    words = torch.randint(-2**31, 2**31, (batch, (vocab + 31) // 32), device=DEVICE,
+                          generator=gen, dtype=torch.int64)
+    words[:, 49152 // 32:] = 0
+    bitmask = words.to(torch.int32)
+    rows = None
+    if subset:
+        rows = torch.randperm(batch, device=DEVICE, generator=gen)[:batch // 3].sort().values
+        rows = rows.to(torch.int32)
+    got = masked_argmax(logits, bitmask, rows)
+    assert torch.equal(got, masked_argmax_reference(logits, bitmask, rows))
+    processed = logits.to(torch.float32, copy=True)
+    xgr.apply_token_bitmask_inplace(processed, bitmask, indices=rows)
+    assert torch.equal(got, processed.argmax(dim=-1))
