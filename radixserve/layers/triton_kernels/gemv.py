@@ -105,8 +105,10 @@ def _load_w(w_rows, k0, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
     """The [BLOCK_N, BLOCK_K] tile of W's rows at columns k0..k0 + BLOCK_K."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     if EVEN_K:
-        return tl.load(w_rows + offs_k[None, :])
-    return tl.load(w_rows + offs_k[None, :], mask=(offs_k < K)[None, :], other=0.0)
+        w = tl.load(w_rows + offs_k[None, :])
+    else:
+        w = tl.load(w_rows + offs_k[None, :], mask=(offs_k < K)[None, :], other=0.0)
+    return w
 
 
 @triton.jit
@@ -127,13 +129,17 @@ def _accumulate(acc, w, k0, X, Residual, NormW, rstd, offs_m, m_mask, K, stride_
                         tl.load(NormW + offs_k, mask=k_mask, other=0.0)[:, None])
         else:
             x = _load_x(X, offs_m[None, :] * stride_xm + offs_k[:, None], mk_mask, K, ACT)
-        return tl.dot(w, x.to(w.dtype), acc)
-    if NORM:
-        h = _load_h(X + offs_k, Residual + offs_k, k_mask, HAS_RESIDUAL)
-        x = _normed(h, rstd, tl.load(NormW + offs_k, mask=k_mask, other=0.0))
+        acc = tl.dot(w, x.to(w.dtype), acc)
     else:
-        x = _load_x(X, offs_k, k_mask, K, ACT)
-    return acc + w.to(tl.float32) * x.to(tl.float32)[None, :]
+        # (An else, not an early return: Triton compiles what follows a return in a
+        # constexpr branch, here with the other branch's shapes.)
+        if NORM:
+            h = _load_h(X + offs_k, Residual + offs_k, k_mask, HAS_RESIDUAL)
+            x = _normed(h, rstd, tl.load(NormW + offs_k, mask=k_mask, other=0.0))
+        else:
+            x = _load_x(X, offs_k, k_mask, K, ACT)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    return acc
 
 
 @triton.jit
