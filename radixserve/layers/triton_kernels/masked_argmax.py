@@ -85,8 +85,9 @@ def masked_argmax(logits: torch.Tensor, bitmask: torch.Tensor,
         return out
     has_mask = bitmask  # unread when every row is masked
     if rows is not None:
+        # scatter_, not has_mask[rows] = 1: that index_put syncs with the host on CUDA.
         has_mask = torch.zeros(batch, dtype=torch.int8, device=logits.device)
-        has_mask[rows] = 1
+        has_mask.scatter_(0, rows.long(), 1)
     num_tiles = triton.cdiv(vocab, 32 * _TILE_WORDS)
     partial = torch.empty(batch, num_tiles, dtype=torch.int64, device=logits.device)
     pdl = pdl_kwargs(logits)
