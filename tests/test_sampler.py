@@ -301,6 +301,9 @@ def test_fused_grammar_argmax_equals_processor_path(device: str, batch: int, voc
     """A greedy batch whose only processor is the grammar mask gives the same ids through
     the masked-argmax kernel as through the float32 copy, xgrammar's mask and argmax;
     batches with other processors or sampled rows keep that path."""
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton runs CPU tensors only in its interpreter, which is off where "
+                    "CUDA is: the cuda case runs the kernel there")
     gen = torch.Generator().manual_seed(batch + vocab)
     logits = torch.randint(-3, 4, (batch, vocab), generator=gen).float()  # many ties
     logits[-1, ::3] = float("-inf")

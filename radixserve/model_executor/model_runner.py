@@ -115,7 +115,7 @@ class ModelRunner:
         self._mask_buffers = HostBitmasks(pinned=self.device.type == "cuda")
         self.future = FutureTokenMap(self.max_running_requests + 1, self.device)
         self.last_wait_s = 0.0  # host time spent waiting for the device in resolve_batch
-        if not server_args.disable_custom_all_reduce:
+        if server_args.enable_symm_mem_all_reduce:
             self.tp_group.enable_symm_mem_all_reduce(self.dtype, self.device)
         self.cuda_graph_runner = None
         if self.device.type == "cuda" and not server_args.disable_cuda_graph:

@@ -63,9 +63,9 @@ def test_dp2_equals_dp1(checkpoint: str, reference: list[dict]) -> None:
                                       load_balance_method="shortest_queue"))
 
 
-def test_tp2_nccl_only_equals_tp1(checkpoint: str, reference: list[dict]) -> None:
-    # The same with every all-reduce on NCCL (no symmetric-memory one-shot).
-    _assert_same(reference, _generate(checkpoint, tp_size=2, disable_custom_all_reduce=True))
+def test_tp2_symm_mem_equals_tp1(checkpoint: str, reference: list[dict]) -> None:
+    # The same with the decode all-reduces through symmetric memory (one-shot).
+    _assert_same(reference, _generate(checkpoint, tp_size=2, enable_symm_mem_all_reduce=True))
 
 
 # [rows, cols] of the all-reduces checked below: decode-sized ones take the one-shot path;
