@@ -85,8 +85,8 @@ class TpGroup:
             name = self.device_group.group_name
             if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before torch 2.8
                 symm_mem.enable_symm_mem_for_group(name)
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            buf = symm_mem.empty(_SYMM_MEM_MAX_BYTES // itemsize, dtype=dtype, device=device)
+            buf = symm_mem.empty(_SYMM_MEM_MAX_BYTES // dtype.itemsize, dtype=dtype,
+                                 device=device)
             symm_mem.rendezvous(buf, name)
             self.symm_buffer = buf
             probe = torch.full((8,), float(self.rank + 1), dtype=dtype, device=device)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
 import torch
 from torch import nn
+
+from radixserve.layers.lazy_kernels import triton_kernel
 
 
 class RMSNorm(nn.Module):
@@ -23,12 +22,12 @@ class RMSNorm(nn.Module):
         them afterwards.
         """
         if x.is_cuda:
-            kernels = _triton_kernels()
-            if kernels is not None:
-                rmsnorm, fused_add_rmsnorm = kernels
+            name = "rmsnorm" if residual is None else "fused_add_rmsnorm"
+            kernel = triton_kernel("radixserve.layers.triton_kernels", name)
+            if kernel is not None:
                 if residual is None:
-                    return rmsnorm(x, self.weight, self.variance_epsilon)
-                return fused_add_rmsnorm(x, residual, self.weight, self.variance_epsilon)
+                    return kernel(x, self.weight, self.variance_epsilon)
+                return kernel(x, residual, self.weight, self.variance_epsilon)
         return self.forward_native(x, residual)
 
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None
@@ -51,12 +50,3 @@ class RMSNorm(nn.Module):
         out = self.weight * xf.to(dtype)
         return out if residual is None else (out, residual)
 
-
-@functools.cache
-def _triton_kernels() -> tuple[Callable, Callable] | None:
-    # Imported lazily (once) so CPU-only installs never import triton.
-    try:
-        from radixserve.layers.triton_kernels import fused_add_rmsnorm, rmsnorm
-    except ImportError:
-        return None
-    return rmsnorm, fused_add_rmsnorm

@@ -16,7 +16,6 @@ mostly launch latency.
 
 from __future__ import annotations
 
-import functools
 import os
 from types import ModuleType
 
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 
 from radixserve.layers.activation import silu_and_mul
 from radixserve.layers.layernorm import RMSNorm
+from radixserve.layers.lazy_kernels import triton_kernel
 
 # Up to this many rows the GEMV beats cuBLAS at every Qwen3 shape on an H100.
 GEMV_MAX_ROWS = 16
@@ -87,11 +87,5 @@ def _gemv_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     return rows if rows.stride(-1) == 1 else None
 
 
-@functools.cache
 def _gemv_module() -> ModuleType | None:
-    # Imported lazily (once) so CPU-only installs never import triton.
-    try:
-        from radixserve.layers.triton_kernels import gemv
-    except ImportError:
-        return None
-    return gemv
+    return triton_kernel("radixserve.layers.triton_kernels.gemv")

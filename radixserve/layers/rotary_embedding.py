@@ -8,9 +8,7 @@ use; the GPT-J style (rotate interleaved pairs) is kept for checkpoints that nee
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,6 +16,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from radixserve.layers.layernorm import RMSNorm
+from radixserve.layers.lazy_kernels import triton_kernel
 
 
 def rope_params(config: PretrainedConfig) -> tuple[float, dict[str, Any] | None]:
@@ -66,7 +65,7 @@ class RotaryEmbedding(nn.Module):
         """query: [T, H * D], key: [T, Hkv * D] (rows may be strided views); returns the
         rotated pair, which on CUDA are the inputs rotated in place."""
         if query.is_cuda:
-            kernel = _triton_apply_rotary()
+            kernel = triton_kernel("radixserve.layers.triton_kernels", "apply_rotary_")
             if kernel is not None:
                 kernel(query, key, positions, self.cos_sin_cache, self.is_neox_style,
                        self.head_size)
@@ -81,7 +80,8 @@ class RotaryEmbedding(nn.Module):
         fusable = (self.rotary_dim == self.head_size and self.head_size & (self.head_size - 1) == 0
                    and q_norm.variance_epsilon == k_norm.variance_epsilon)
         if query.is_cuda and fusable:
-            kernel = _triton_qk_norm_rotary()
+            kernel = triton_kernel("radixserve.layers.triton_kernels.qk_norm_rotary",
+                                   "qk_norm_rotary_")
             if kernel is not None:
                 kernel(query, key, positions, self.cos_sin_cache, q_norm.weight, k_norm.weight,
                        q_norm.variance_epsilon, self.is_neox_style)
@@ -218,22 +218,3 @@ def get_rope(head_size: int, rotary_dim: int, max_position: int, base: float,
     raise ValueError(f"rope_scaling type {rope_type!r} is not supported (supported: default, "
                      f"llama3, yarn)")
 
-
-@functools.cache
-def _triton_apply_rotary() -> Callable[..., None] | None:
-    # Imported lazily (once) so CPU-only installs never import triton.
-    try:
-        from radixserve.layers.triton_kernels import apply_rotary_
-    except ImportError:
-        return None
-    return apply_rotary_
-
-
-@functools.cache
-def _triton_qk_norm_rotary() -> Callable[..., None] | None:
-    # Lazily, like the other kernels: CPU-only installs never import triton.
-    try:
-        from radixserve.layers.triton_kernels.qk_norm_rotary import qk_norm_rotary_
-    except ImportError:
-        return None
-    return qk_norm_rotary_

@@ -10,11 +10,11 @@ per-row generator or a host sync.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
 
+from radixserve.layers.lazy_kernels import triton_kernel
 from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
 
 _MASK32 = 0xFFFFFFFF
@@ -65,17 +65,7 @@ class Sampler(torch.nn.Module):
         use = self.fused_grammar_argmax
         if use is False or (use is None and not logits.is_cuda):
             return None
-        return _triton_masked_argmax()
-
-
-@functools.cache
-def _triton_masked_argmax() -> Callable[..., torch.Tensor] | None:
-    # Imported lazily (once) so CPU-only installs never import triton.
-    try:
-        from radixserve.layers.triton_kernels.masked_argmax import masked_argmax
-    except ImportError:
-        return None
-    return masked_argmax
+        return triton_kernel("radixserve.layers.triton_kernels.masked_argmax", "masked_argmax")
 
 
 def _top_k_top_p_min_p(probs: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:

@@ -74,8 +74,7 @@ class LoadBalancer:
         elif self.method == "shortest_queue":
             chosen = self._shortest()
         elif self.method == "minimum_tokens":
-            n = len(self.tokens)
-            chosen = min(range(n), key=lambda i: (self.tokens[i], (i - self._next) % n))
+            chosen = self._least(self.tokens)
         else:
             chosen = self._by_prefix(input_ids)
         self._next = (chosen + 1) % len(self.load)
@@ -89,9 +88,12 @@ class LoadBalancer:
         self.tokens[replica] -= tokens
 
     def _shortest(self) -> int:
+        return self._least(self.load)
+
+    def _least(self, loads: list[int]) -> int:
         # Ties go round-robin, so an idle cluster still spreads a burst evenly.
-        n = len(self.load)
-        return min(range(n), key=lambda i: (self.load[i], (i - self._next) % n))
+        n = len(loads)
+        return min(range(n), key=lambda i: (loads[i], (i - self._next) % n))
 
     def _by_prefix(self, input_ids: list[int]) -> int:
         keys = prefix_keys(input_ids)

@@ -30,7 +30,7 @@ from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.attention.cascade import KV_START, PERM, TILE_COUNT, TILE_START
 from radixserve.layers.attention.triton_ops.decode_attention import (
     CascadeInputs, alloc_decode_scratch, cascade_tile_size, choose_max_kv_splits,
-    decode_attention_fwd, head_block_size, min_split_tokens)
+    decode_attention_fwd, head_block_size, min_split_tokens, num_sms)
 from radixserve.layers.attention.triton_ops.extend_attention import extend_attention_fwd
 from radixserve.layers.attention.triton_ops.kv_store import store_kv
 from radixserve.layers.radix_attention import RadixAttention
@@ -76,8 +76,7 @@ class TritonAttnBackend(AttentionBackend):
         self._kv_head_blocks = num_kv_heads * -(-group // head_block_size(group))
         self.cascade_tile_size = cascade_tile_size(group)
         # The CPU interpreter has no SMs; any small count keeps the heuristic defined.
-        self._num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
-                         if self.device.type == "cuda" else 8)
+        self._num_sms = num_sms(self.device) if self.device.type == "cuda" else 8
         self._graph_bufs: dict[str, torch.Tensor] | None = None
         self._captured: dict[tuple[int, bool], DecodeMetadata] = {}  # (batch size, cascade)
 

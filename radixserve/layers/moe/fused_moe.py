@@ -13,14 +13,13 @@ the checkpoint tensor, so a lazy safetensors slice reads just this rank's part.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from radixserve.distributed.parallel_state import get_tp_group, resolve_tp
+from radixserve.layers.lazy_kernels import triton_kernel
 from radixserve.layers.linear import check_weight_shape
 
 
@@ -75,7 +74,8 @@ class FusedMoE(nn.Module):
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H]; topk_weights [T, k] float32; topk_ids [T, k] -> [T, H]."""
-        kernel = _triton_fused_experts() if x.is_cuda else None
+        kernel = (triton_kernel("radixserve.layers.moe.fused_moe_triton", "fused_experts_triton")
+                  if x.is_cuda else None)
         fn = kernel if kernel is not None else fused_experts_reference
         out = fn(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
         if self.tp_size > 1:
@@ -101,12 +101,3 @@ def fused_experts_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
         out.index_add_(0, tokens, y)
     return out.to(x.dtype)
 
-
-@functools.cache
-def _triton_fused_experts() -> Callable[..., torch.Tensor] | None:
-    # Imported lazily (once) so CPU-only installs never import triton.
-    try:
-        from radixserve.layers.moe.fused_moe_triton import fused_experts_triton
-    except ImportError:
-        return None
-    return fused_experts_triton

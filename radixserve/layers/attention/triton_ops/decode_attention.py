@@ -59,15 +59,19 @@ def min_split_tokens(device: torch.device, programs: int | None = None) -> int:
     """
     if device.type != "cuda":
         return 16
-    if programs is not None and 4 * programs <= _num_sms(device.index):
+    if programs is not None and 4 * programs <= num_sms(device):
         return 64
     return 256
 
 
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (read once per device)."""
+    return _num_sms(torch.cuda.current_device() if device.index is None else device.index)
+
+
 @functools.cache
-def _num_sms(index: int | None) -> int:
-    return torch.cuda.get_device_properties(
-        torch.cuda.current_device() if index is None else index).multi_processor_count
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def default_decode_config(dtype: torch.dtype, device: torch.device) -> DecodeConfig:
