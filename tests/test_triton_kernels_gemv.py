@@ -223,3 +223,33 @@ def test_model_logits_equal_with_rmsnorm_in_gemv(tmp_path, monkeypatch, model_ty
     unfused = logits()
     assert not fused.isnan().any()
     torch.testing.assert_close(fused, unfused, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="forces the CUDA paths onto the CPU")
+@pytest.mark.parametrize("hidden,fused", [(2048, True), (2048 + 64, False)])
+def test_rmsnorm_linear_fuses_up_to_the_hidden_bound(monkeypatch, hidden: int,
+                                                     fused: bool) -> None:
+    """The norm runs inside the GEMV only up to NORM_GEMV_MAX_HIDDEN (past it the GEMV's
+    re-reads of the rows cost more than the launch it saves); both ways give the norm's
+    output and the same new residual."""
+    from radixserve.layers import linear_dispatch
+    from radixserve.layers.layernorm import RMSNorm
+    from radixserve.layers.triton_kernels import gemv as gemv_module
+
+    assert linear_dispatch.NORM_GEMV_MAX_HIDDEN == 2048
+    monkeypatch.setattr(linear_dispatch, "_GEMV_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(RMSNorm, "forward_native", _norm_by_kernel)
+    calls = []
+    real = gemv_module.rmsnorm_gemv
+    monkeypatch.setattr(gemv_module, "rmsnorm_gemv",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    gen = torch.Generator().manual_seed(hidden)
+    x = torch.randn(1, hidden, generator=gen).to(torch.bfloat16)
+    residual = torch.randn(1, hidden, generator=gen).to(torch.bfloat16)
+    norm = RMSNorm(hidden).to(torch.bfloat16)
+    w = (torch.randn(16, hidden, generator=gen) / hidden ** 0.5).to(torch.bfloat16)
+    want_normed, want_h = norm(x.clone(), residual.clone())
+    out, h = linear_dispatch.rmsnorm_linear(x, residual, norm, w)
+    assert len(calls) == (1 if fused else 0)
+    assert torch.equal(h, want_h)
+    assert torch.equal(out, linear_dispatch.linear(want_normed, w))
