@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from radixserve.layers.attention.kv_write import KVWrite
 from radixserve.model_executor.forward_batch import ForwardBatch
 
 
@@ -19,6 +20,11 @@ class RadixAttention(nn.Module):
         self.scaling = scaling
         self.num_kv_heads = num_kv_heads
         self.layer_id = layer_id
+
+    def kv_write_target(self, forward_batch: ForwardBatch) -> KVWrite | None:
+        """Where this layer's new k/v go, if the backend lets a kernel before it write
+        them (then call forward with save_kv_cache=False); None otherwise."""
+        return forward_batch.attn_backend.kv_write_target(self, forward_batch)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 forward_batch: ForwardBatch, save_kv_cache: bool = True) -> torch.Tensor:

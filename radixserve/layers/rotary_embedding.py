@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from radixserve.layers.attention.kv_write import KVWrite
 from radixserve.layers.layernorm import RMSNorm
 from radixserve.layers.lazy_kernels import triton_kernel
 
@@ -64,19 +65,35 @@ class RotaryEmbedding(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """query: [T, H * D], key: [T, Hkv * D] (rows may be strided views); returns the
         rotated pair, which on CUDA are the inputs rotated in place."""
+        query, key, _ = self.forward_and_store(positions, query, key)
+        return query, key
+
+    def forward_and_store(self, positions: torch.Tensor, query: torch.Tensor,
+                          key: torch.Tensor, value: torch.Tensor | None = None,
+                          kv_write: KVWrite | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """`forward`, and with kv_write (and value), the rotated key and the value written
+        to the KV pool by the same kernel where it can. Returns (query, key, whether k/v
+        were stored): when False, the attention backend must store them."""
         if query.is_cuda:
             kernel = triton_kernel("radixserve.layers.triton_kernels", "apply_rotary_")
             if kernel is not None:
+                store = kv_write is not None and self.rotary_dim == self.head_size
                 kernel(query, key, positions, self.cos_sin_cache, self.is_neox_style,
-                       self.head_size)
-                return query, key
-        return self.forward_native(positions, query, key)
+                       self.head_size, kv_write=kv_write if store else None,
+                       v=value if store else None)
+                return query, key, store
+        query, key = self.forward_native(positions, query, key)
+        return query, key, False
 
     def forward_with_qk_norm(self, positions: torch.Tensor, query: torch.Tensor,
-                             key: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+                             key: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm,
+                             value: torch.Tensor | None = None,
+                             kv_write: KVWrite | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """RMSNorm each head of q and k, then rotate (Qwen3). On CUDA one fused kernel
-        does both in place: three launches per layer become one."""
+        does both in place, and the KV store too given kv_write: four launches per layer
+        become one. Returns (query, key, whether k/v were stored), as forward_and_store."""
         fusable = (self.rotary_dim == self.head_size and self.head_size & (self.head_size - 1) == 0
                    and q_norm.variance_epsilon == k_norm.variance_epsilon)
         if query.is_cuda and fusable:
@@ -84,11 +101,12 @@ class RotaryEmbedding(nn.Module):
                                    "qk_norm_rotary_")
             if kernel is not None:
                 kernel(query, key, positions, self.cos_sin_cache, q_norm.weight, k_norm.weight,
-                       q_norm.variance_epsilon, self.is_neox_style)
-                return query, key
+                       q_norm.variance_epsilon, self.is_neox_style, kv_write=kv_write,
+                       v=value if kv_write is not None else None)
+                return query, key, kv_write is not None
         query = q_norm(query.reshape(-1, self.head_size)).view(query.shape)
         key = k_norm(key.reshape(-1, self.head_size)).view(key.shape)
-        return self(positions, query, key)
+        return self.forward_and_store(positions, query, key, value, kv_write)
 
     def forward_native(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:

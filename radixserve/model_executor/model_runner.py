@@ -305,6 +305,16 @@ class ModelRunner:
             hidden = hidden[fb.logits_indices]
         return self.model.compute_logits(hidden)
 
+    def _replay_decode_graph(self, batch: ScheduleBatch) -> torch.Tensor | None:
+        """The logits of a decode batch that a CUDA graph runs, launched from the host
+        values directly (CudaGraphRunner.replay_reqs); None for every other batch."""
+        graphs = self.cuda_graph_runner
+        if (graphs is None or not batch.forward_mode.is_decode()
+                or len(batch.reqs) > graphs.max_bs):
+            return None
+        return graphs.replay_reqs(batch.reqs, batch.out_cache_loc,
+                                  self._cascade_plan(batch.reqs))
+
     def _runs_graph(self, fb: ForwardBatch) -> bool:
         return self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(fb)
 
@@ -330,9 +340,13 @@ class ModelRunner:
         The batch's future-token slots are reserved here, so its placeholders exist
         before its tokens are sampled.
         """
-        fb = self.build_forward_batch(batch)
-        from_graph = self._runs_graph(fb)
-        logits = self.forward(fb)
+        logits = self._replay_decode_graph(batch)
+        from_graph = logits is not None
+        fb = None
+        if logits is None:
+            fb = self.build_forward_batch(batch)
+            from_graph = self._runs_graph(fb)
+            logits = self.forward(fb)
         reqs = batch.reqs
         # Rows of `logits` that belong to each request: the last one is the next token's.
         counts = self._logits_rows_per_req(batch, fb)
@@ -406,8 +420,8 @@ class ModelRunner:
         return result
 
     @staticmethod
-    def _logits_rows_per_req(batch: ScheduleBatch, fb: ForwardBatch) -> list[int]:
-        if batch.forward_mode.is_decode():
+    def _logits_rows_per_req(batch: ScheduleBatch, fb: ForwardBatch | None) -> list[int]:
+        if batch.forward_mode.is_decode():  # (fb is None only for a decode batch)
             return [1] * len(batch.reqs)
         return [e - _first_logprob_row(r, p, e) for r, p, e in
                 zip(batch.reqs, fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu)]

@@ -80,11 +80,16 @@ class LlamaAttention(nn.Module):
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # q, k, v stay strided views of the qkv output: the kernels and the backends
         # read rows by stride, so no copies are made.
+        # The rotary kernel writes k and v into the KV pool where the backend allows it,
+        # saving the backend's store launch (one per layer per decode step).
+        kv_write = self.attn.kv_write_target(forward_batch)
         if self.qk_norm:
-            q, k = self.rotary_emb.forward_with_qk_norm(positions, q, k, self.q_norm, self.k_norm)
+            q, k, stored = self.rotary_emb.forward_with_qk_norm(
+                positions, q, k, self.q_norm, self.k_norm, v, kv_write)
         else:
-            q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, forward_batch)), residual
+            q, k, stored = self.rotary_emb.forward_and_store(positions, q, k, v, kv_write)
+        out = self.attn(q, k, v, forward_batch, save_kv_cache=not stored)
+        return self.o_proj(out), residual
 
 
 def _o_bias(config: PretrainedConfig) -> bool:

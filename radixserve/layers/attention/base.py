@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from radixserve.layers.attention.kv_write import KVWrite
     from radixserve.layers.radix_attention import RadixAttention
     from radixserve.model_executor.forward_batch import ForwardBatch
 
@@ -34,6 +35,13 @@ class AttentionBackend(ABC):
         if forward_batch.forward_mode.is_decode():
             return self.forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
         return self.forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+
+    def kv_write_target(self, layer: "RadixAttention", forward_batch: "ForwardBatch"
+                        ) -> "KVWrite | None":
+        """Where this forward's new k/v go, for a kernel before attention that can write
+        them itself (the rotary kernels); None: the backend stores them. The caller
+        that writes them passes save_kv_cache=False to `forward`."""
+        return None
 
     @abstractmethod
     def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -3,7 +3,8 @@
 Extend (and MIXED) batches run `extend_attention_fwd`; decode batches run the split-KV
 `decode_attention_fwd`, as a cascade when the batch carries a plan of requests that
 share a cached prefix (attention/cascade.py). New k/v go into the pool through one
-`store_kv` launch.
+`store_kv` launch, unless the rotary kernel before attention wrote them
+(`kv_write_target`).
 
 CUDA graphs: `init_cuda_graph_state` preallocates the decode scratch for the largest
 batch. Capture points the metadata at the batch's own request rows and seq_lens; the
@@ -21,6 +22,7 @@ q, k, v and the KV pool must share one dtype (bf16, fp16 or fp32).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +30,7 @@ import triton
 
 from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.attention.cascade import KV_START, PERM, TILE_COUNT, TILE_START
+from radixserve.layers.attention.kv_write import KVWrite
 from radixserve.layers.attention.triton_ops.decode_attention import (
     CascadeInputs, alloc_decode_scratch, cascade_tile_size, choose_max_kv_splits,
     decode_attention_fwd, head_block_size, min_split_tokens, num_sms)
@@ -35,6 +38,10 @@ from radixserve.layers.attention.triton_ops.extend_attention import extend_atten
 from radixserve.layers.attention.triton_ops.kv_store import store_kv
 from radixserve.layers.radix_attention import RadixAttention
 from radixserve.model_executor.forward_batch import ForwardBatch
+
+
+# RADIXSERVE_DISABLE_ROPE_KV_WRITE=1 keeps the KV store a launch of its own (A/B timing).
+FUSE_KV_WRITE = os.environ.get("RADIXSERVE_DISABLE_ROPE_KV_WRITE", "0") != "1"
 
 
 @dataclass(slots=True)
@@ -136,6 +143,16 @@ class TritonAttnBackend(AttentionBackend):
         store_kv(pool.get_key_buffer(layer.layer_id), pool.get_value_buffer(layer.layer_id),
                  fb.out_cache_loc, k, v)
         return k, v
+
+    def kv_write_target(self, layer: RadixAttention, forward_batch: ForwardBatch
+                        ) -> KVWrite | None:
+        # The pool slots `_store` would write, in the layout it writes.
+        fb = forward_batch
+        if not FUSE_KV_WRITE or fb.forward_mode.is_idle() or fb.out_cache_loc is None:
+            return None
+        pool = fb.token_to_kv_pool
+        return KVWrite(pool.get_key_buffer(layer.layer_id),
+                       pool.get_value_buffer(layer.layer_id), fb.out_cache_loc)
 
     def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        layer: RadixAttention, forward_batch: ForwardBatch,

@@ -6,6 +6,11 @@ per token. The rounding steps are those of the unfused kernels (rmsnorm.py then
 rotary.py): normalise in fp32, round, scale by the weight, round, rotate in fp32, round;
 only the order of the fp32 sum of squares differs. Requires rot_dim == head_dim (every
 head dim rotates), which is what Qwen3 uses.
+
+With `kv_write`, the same program also writes the finished k row and the v row into
+the KV pool at the token's slot (what `store_kv` does), so the attention backend skips
+its store: one launch fewer per layer again, and k is stored from registers instead of
+being read back.
 """
 
 from __future__ import annotations
@@ -14,14 +19,19 @@ import torch
 import triton
 import triton.language as tl
 
+from radixserve.layers.attention.kv_write import KVWrite, check_kv_write
+from radixserve.layers.triton_kernels.kv_row import copy_row_to_pool
 from radixserve.layers.triton_kernels.pdl import pdl_kwargs, pdl_launch_dependents, pdl_wait
 from radixserve.layers.triton_kernels.rmsnorm import rmsnorm_reference
 from radixserve.layers.triton_kernels.rotary import apply_rotary_reference
 
 
 @triton.jit
-def _norm_rotate_heads(X, stride_x, row, num_heads, Wt, eps, cos, sin, head_dim,
-                       HALF: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_H: tl.constexpr):
+def _norm_rotate_heads(X, stride_x, row, num_heads, Wt, eps, cos, sin, head_dim, Dst,
+                       stride_dst_h, HALF: tl.constexpr, IS_NEOX: tl.constexpr,
+                       BLOCK_H: tl.constexpr, STORE: tl.constexpr):
+    """Normalise and rotate one token's heads of X in place; with STORE, also write them
+    to Dst (the token's pool row, heads stride_dst_h apart) in Dst's dtype."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_r = tl.arange(0, HALF)
     mask = (offs_h < num_heads)[:, None]
@@ -39,47 +49,75 @@ def _norm_rotate_heads(X, stride_x, row, num_heads, Wt, eps, cos, sin, head_dim,
     w2 = tl.load(Wt + second).to(tl.float32)[None, :]
     n1 = ((x1f * rstd[:, None]).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
     n2 = ((x2f * rstd[:, None]).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
-    tl.store(base + first[None, :], (n1 * cos - n2 * sin).to(dtype), mask=mask)
-    tl.store(base + second[None, :], (n2 * cos + n1 * sin).to(dtype), mask=mask)
+    y1 = (n1 * cos - n2 * sin).to(dtype)
+    y2 = (n2 * cos + n1 * sin).to(dtype)
+    tl.store(base + first[None, :], y1, mask=mask)
+    tl.store(base + second[None, :], y2, mask=mask)
+    if STORE:
+        dst = Dst + offs_h[:, None] * stride_dst_h
+        tl.store(dst + first[None, :], y1.to(Dst.dtype.element_ty), mask=mask)
+        tl.store(dst + second[None, :], y2.to(Dst.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _qk_norm_rotary_kernel(Q, K, Positions, Cache, Q_W, K_W, stride_q, stride_k, stride_c,
-                           num_q_heads, num_k_heads, head_dim, eps, HALF: tl.constexpr,
-                           IS_NEOX: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                           BLOCK_HK: tl.constexpr, USE_PDL: tl.constexpr):
+def _qk_norm_rotary_kernel(Q, K, Positions, Cache, Q_W, K_W, V, K_Buf, V_Buf, Loc, stride_q,
+                           stride_k, stride_c, stride_v, stride_kbt, stride_kbh, stride_vbt,
+                           stride_vbh, num_q_heads, num_k_heads, head_dim, eps,
+                           HALF: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                           BLOCK_HK: tl.constexpr, V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
+                           STORE_KV: tl.constexpr, USE_PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    slot = row  # the pool row; read only with STORE_KV
+    if STORE_KV:
+        # out_cache_loc is a graph input, written before the first kernel of the step.
+        slot = tl.load(Loc + row).to(tl.int64)
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)  # one short program per token: nothing to overlap inside
     pos = tl.load(Positions + row).to(tl.int64)
     offs_r = tl.arange(0, HALF)
     cos = tl.load(Cache + pos * stride_c + offs_r).to(tl.float32)[None, :]
     sin = tl.load(Cache + pos * stride_c + HALF + offs_r).to(tl.float32)[None, :]
-    _norm_rotate_heads(Q, stride_q, row, num_q_heads, Q_W, eps, cos, sin, head_dim, HALF,
-                       IS_NEOX, BLOCK_HQ)
-    _norm_rotate_heads(K, stride_k, row, num_k_heads, K_W, eps, cos, sin, head_dim, HALF,
-                       IS_NEOX, BLOCK_HK)
+    _norm_rotate_heads(Q, stride_q, row, num_q_heads, Q_W, eps, cos, sin, head_dim, Q, 0,
+                       HALF, IS_NEOX, BLOCK_HQ, False)
+    _norm_rotate_heads(K, stride_k, row, num_k_heads, K_W, eps, cos, sin, head_dim,
+                       K_Buf + slot * stride_kbt, stride_kbh, HALF, IS_NEOX, BLOCK_HK, STORE_KV)
+    if STORE_KV:
+        copy_row_to_pool(V, stride_v, row, V_Buf, slot, stride_vbt, stride_vbh, num_k_heads,
+                         V_DIM, BLOCK_HK, BLOCK_DV)
 
 
 def qk_norm_rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                     cos_sin_cache: torch.Tensor, q_weight: torch.Tensor,
-                    k_weight: torch.Tensor, eps: float, is_neox: bool) -> None:
+                    k_weight: torch.Tensor, eps: float, is_neox: bool,
+                    kv_write: KVWrite | None = None, v: torch.Tensor | None = None) -> None:
     """RMSNorm each head of q [T, H * D] and k [T, Hkv * D] (row strides may be any),
-    then rotate them, in place. D = cos_sin_cache.shape[-1], a power of two."""
+    then rotate them, in place. D = cos_sin_cache.shape[-1], a power of two.
+
+    With kv_write (and v [T, Hkv * Dv]), also store the finished k and v at the pool
+    slots kv_write.loc, as `store_kv` would."""
     head_dim = cos_sin_cache.shape[-1]
     if head_dim & (head_dim - 1) or q.shape[-1] % head_dim or k.shape[-1] % head_dim:
         raise ValueError(f"head_dim {head_dim} must be a power of two dividing q and k")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
         raise ValueError("q, k and cos_sin_cache need a contiguous last dim")
+    num_q_heads, num_k_heads = q.shape[-1] // head_dim, k.shape[-1] // head_dim
+    store = kv_write is not None
+    if store:
+        check_kv_write(kv_write, k, v, num_k_heads, head_dim)
     if q.shape[0] == 0:
         return
-    num_q_heads, num_k_heads = q.shape[-1] // head_dim, k.shape[-1] // head_dim
     block_hq = triton.next_power_of_2(num_q_heads)
+    k_buf, v_buf, loc = kv_write if store else (k, k, positions)  # unread without a store
+    v_row = v if store else k
+    v_dim = v_buf.shape[2] if store else 1
     _qk_norm_rotary_kernel[(q.shape[0],)](
-        q, k, positions, cos_sin_cache, q_weight, k_weight, q.stride(0), k.stride(0),
-        cos_sin_cache.stride(0), num_q_heads, num_k_heads, head_dim, eps,
+        q, k, positions, cos_sin_cache, q_weight, k_weight, v_row, k_buf, v_buf, loc,
+        q.stride(0), k.stride(0), cos_sin_cache.stride(0), v_row.stride(0),
+        k_buf.stride(0), k_buf.stride(1) if store else 0, v_buf.stride(0),
+        v_buf.stride(1) if store else 0, num_q_heads, num_k_heads, head_dim, eps,
         HALF=head_dim // 2, IS_NEOX=is_neox, BLOCK_HQ=block_hq,
-        BLOCK_HK=triton.next_power_of_2(num_k_heads),
+        BLOCK_HK=triton.next_power_of_2(num_k_heads), V_DIM=v_dim,
+        BLOCK_DV=triton.next_power_of_2(v_dim), STORE_KV=store,
         num_warps=min(8, max(1, block_hq * head_dim // 512)), **pdl_kwargs(q))
 
 

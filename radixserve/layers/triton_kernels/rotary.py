@@ -16,6 +16,9 @@ pair (2i, 2i + 1) otherwise (GPT-J, interleaved):
     x2' = x2 * cos_i + x1 * sin_i
 
 computed in fp32 and rounded once to q's dtype.
+
+With `kv_write` (rot_dim == head_dim only), each program also writes its token's rotated
+k and its v into the KV pool, so the attention backend's `store_kv` launch is skipped.
 """
 
 from __future__ import annotations
@@ -24,13 +27,17 @@ import torch
 import triton
 import triton.language as tl
 
+from radixserve.layers.attention.kv_write import KVWrite, check_kv_write
+from radixserve.layers.triton_kernels.kv_row import copy_row_to_pool
 from radixserve.layers.triton_kernels.pdl import pdl_kwargs, pdl_launch_dependents, pdl_wait
 
 
 @triton.jit
-def _rotate_heads(X, stride_x, row, num_heads, cos, sin, head_dim,
+def _rotate_heads(X, stride_x, row, num_heads, cos, sin, head_dim, Dst, stride_dst_h,
                   HALF: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_R: tl.constexpr):
+                  BLOCK_R: tl.constexpr, STORE: tl.constexpr):
+    """Rotate one token's heads of X in place; with STORE (rot_dim == head_dim), also
+    write them to Dst (the token's pool row, heads stride_dst_h apart)."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_r = tl.arange(0, BLOCK_R)
     mask = (offs_h < num_heads)[:, None] & (offs_r < HALF)[None, :]
@@ -42,16 +49,28 @@ def _rotate_heads(X, stride_x, row, num_heads, cos, sin, head_dim,
     x1 = tl.load(base + first[None, :], mask=mask, other=0.0)
     x2 = tl.load(base + second[None, :], mask=mask, other=0.0)
     x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(base + first[None, :], (x1f * cos - x2f * sin).to(x1.dtype), mask=mask)
-    tl.store(base + second[None, :], (x2f * cos + x1f * sin).to(x1.dtype), mask=mask)
+    y1 = (x1f * cos - x2f * sin).to(x1.dtype)
+    y2 = (x2f * cos + x1f * sin).to(x1.dtype)
+    tl.store(base + first[None, :], y1, mask=mask)
+    tl.store(base + second[None, :], y2, mask=mask)
+    if STORE:
+        dst = Dst + offs_h[:, None] * stride_dst_h
+        tl.store(dst + first[None, :], y1.to(Dst.dtype.element_ty), mask=mask)
+        tl.store(dst + second[None, :], y2.to(Dst.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _rotary_kernel(Q, K, Positions, Cache, stride_q, stride_k, stride_c, num_q_heads,
+def _rotary_kernel(Q, K, Positions, Cache, V, K_Buf, V_Buf, Loc, stride_q, stride_k, stride_c,
+                   stride_v, stride_kbt, stride_kbh, stride_vbt, stride_vbh, num_q_heads,
                    num_k_heads, head_dim, HALF: tl.constexpr, IS_NEOX: tl.constexpr,
                    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_R: tl.constexpr,
+                   V_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, STORE_KV: tl.constexpr,
                    USE_PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    slot = row  # the pool row; read only with STORE_KV
+    if STORE_KV:
+        # out_cache_loc is a graph input, written before the first kernel of the step.
+        slot = tl.load(Loc + row).to(tl.int64)
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)
     pos = tl.load(Positions + row).to(tl.int64)
@@ -60,10 +79,13 @@ def _rotary_kernel(Q, K, Positions, Cache, stride_q, stride_k, stride_c, num_q_h
     cos = tl.load(Cache + pos * stride_c + offs_r, mask=r_mask, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(Cache + pos * stride_c + HALF + offs_r, mask=r_mask,
                   other=0.0).to(tl.float32)[None, :]
-    _rotate_heads(Q, stride_q, row, num_q_heads, cos, sin, head_dim, HALF, IS_NEOX, BLOCK_HQ,
-                  BLOCK_R)
-    _rotate_heads(K, stride_k, row, num_k_heads, cos, sin, head_dim, HALF, IS_NEOX, BLOCK_HK,
-                  BLOCK_R)
+    _rotate_heads(Q, stride_q, row, num_q_heads, cos, sin, head_dim, Q, 0, HALF, IS_NEOX,
+                  BLOCK_HQ, BLOCK_R, False)
+    _rotate_heads(K, stride_k, row, num_k_heads, cos, sin, head_dim, K_Buf + slot * stride_kbt,
+                  stride_kbh, HALF, IS_NEOX, BLOCK_HK, BLOCK_R, STORE_KV)
+    if STORE_KV:
+        copy_row_to_pool(V, stride_v, row, V_Buf, slot, stride_vbt, stride_vbh, num_k_heads,
+                         V_DIM, BLOCK_HK, BLOCK_DV)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
@@ -80,21 +102,36 @@ def _check(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 
 
 def apply_rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-                  cos_sin_cache: torch.Tensor, is_neox: bool, head_dim: int | None = None) -> None:
+                  cos_sin_cache: torch.Tensor, is_neox: bool, head_dim: int | None = None,
+                  kv_write: KVWrite | None = None, v: torch.Tensor | None = None) -> None:
     """Rotate q [T, H * D] and k [T, Hkv * D] in place (row strides may be any, e.g. views
-    of a fused qkv output). positions: [T] ints. head_dim defaults to rot_dim."""
+    of a fused qkv output). positions: [T] ints. head_dim defaults to rot_dim.
+
+    With kv_write (and v [T, Hkv * Dv]; rot_dim == head_dim), also store the rotated k
+    and v at the pool slots kv_write.loc, as `store_kv` would."""
     head_dim = head_dim or cos_sin_cache.shape[-1]
     _check(q, k, positions, cos_sin_cache, head_dim)
+    store = kv_write is not None
+    if store:
+        if cos_sin_cache.shape[-1] != head_dim:
+            raise ValueError("the fused KV write needs rot_dim == head_dim")
+        check_kv_write(kv_write, k, v, k.shape[-1] // head_dim, head_dim)
     if q.shape[0] == 0:
         return
     half = cos_sin_cache.shape[-1] // 2
     num_q_heads, num_k_heads = q.shape[-1] // head_dim, k.shape[-1] // head_dim
     block_hq = triton.next_power_of_2(num_q_heads)
+    k_buf, v_buf, loc = kv_write if store else (k, k, positions)  # unread without a store
+    v_row = v if store else k
+    v_dim = v_buf.shape[2] if store else 1
     _rotary_kernel[(q.shape[0],)](
-        q, k, positions, cos_sin_cache, q.stride(0), k.stride(0), cos_sin_cache.stride(0),
+        q, k, positions, cos_sin_cache, v_row, k_buf, v_buf, loc, q.stride(0), k.stride(0),
+        cos_sin_cache.stride(0), v_row.stride(0), k_buf.stride(0),
+        k_buf.stride(1) if store else 0, v_buf.stride(0), v_buf.stride(1) if store else 0,
         num_q_heads, num_k_heads, head_dim, HALF=half, IS_NEOX=is_neox,
         BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(num_k_heads),
-        BLOCK_R=triton.next_power_of_2(half),
+        BLOCK_R=triton.next_power_of_2(half), V_DIM=v_dim,
+        BLOCK_DV=triton.next_power_of_2(v_dim), STORE_KV=store,
         num_warps=min(8, max(1, block_hq * triton.next_power_of_2(half) // 256)),
         **pdl_kwargs(q))
 
