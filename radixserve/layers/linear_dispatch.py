@@ -1,12 +1,13 @@
-"""Which matmul a linear layer runs: the skinny Triton GEMV for decode-sized batches on
-CUDA, F.linear (cuBLAS, or the CPU's BLAS) for everything else.
+"""Which matmul a linear layer runs: the skinny Triton GEMV for single rows (batch-1
+decode) on CUDA, F.linear (cuBLAS, or the CPU's BLAS) for everything else.
 
-At a few rows a linear layer only streams its weight. On an H100, in a CUDA graph, cuBLAS
+At one row a linear layer only streams its weight. On an H100, in a CUDA graph, cuBLAS
 (F.linear, [N, K] weight) streams the Qwen3-8B shapes at 2.0-2.8 TB/s and the GEMV at
 2.5-3.1 (tests/gpu/bench_gemv.py); at the 0.6B model's small shapes both are
-latency-bound, the GEMV less so. Prefill and large decode batches are
-compute-bound and stay on cuBLAS, and so does float32 (the GPU parity tests compare it
-with HF exactly, and the GEMV's tensor-core path would round it to tf32).
+latency-bound, the GEMV less so. From two rows on cuBLAS wins in the decode step (see
+GEMV_MAX_ROWS). Prefill and decode batches stay on cuBLAS, and so does float32 (the GPU
+parity tests compare it with HF exactly, and the GEMV's tensor-core path would round it
+to tf32).
 
 Where the GEMV runs it also takes in the elementwise op before it: SiLU-and-mul
 (`linear(..., silu_and_mul_input=True)`) and the residual add + RMSNorm
@@ -26,8 +27,13 @@ from radixserve.layers.activation import silu_and_mul
 from radixserve.layers.layernorm import RMSNorm
 from radixserve.layers.lazy_kernels import triton_kernel
 
-# Up to this many rows the GEMV beats cuBLAS at every Qwen3 shape on an H100.
-GEMV_MAX_ROWS = 16
+# Up to this many rows the GEMV beats cuBLAS at every Qwen3 shape on an H100. Its
+# one-row (FMA) kernel does; its tensor-core kernel for 2-16 rows did in isolation
+# (tests/gpu/bench_gemv.py) but not in the decode step: on an H100, decode at batch 2 / 4 /
+# 8 took 8.44 / 8.59 / 8.95 ms per step for Qwen3-8B with it and 6.69 / 6.76 / 6.95 ms with
+# cuBLAS, and Qwen3-0.6B at batch 4 / 8 1.76 / 2.08 ms against 1.57 / 1.68 (batch 2 the
+# same), one run, input 512. So only single rows take the GEMV.
+GEMV_MAX_ROWS = 1
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 # Tests add "cpu" to run the GEMV paths in Triton's interpreter.
 _GEMV_DEVICES = ("cuda",)
