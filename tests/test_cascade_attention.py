@@ -142,6 +142,36 @@ def test_shared_prefix_groups_follow_the_tree() -> None:
     assert plan is not None and plan.packed[KV_START].tolist() == [302, 302, 0, 0, 0, 0]
 
 
+def test_planner_reuses_its_plan_only_while_it_still_holds() -> None:
+    """The planner reuses the last plan while the batch's nodes are the same objects. A
+    newcomer that splits the batch's shared node (a shorter common prefix) or grows a
+    branch below it changes the tree under the cached plan: the reused plan must still
+    equal one planned from scratch on the changed tree."""
+    alloc = TokenToKVPoolAllocator(8192, 1, "cpu")
+    cache = RadixCache(ReqToTokenPool(1, 8, "cpu"), alloc, 1)
+    system = list(range(1000, 1400))  # 400 shared tokens
+    batch_prompts = [system + [1, 2], system + [3], system + [4, 5, 6]]
+    for ids in batch_prompts:
+        cache.insert(ids, alloc.alloc(len(ids)))
+    nodes = [cache.match_prefix(ids).last_node for ids in batch_prompts]
+    planner = CascadePlanner(tile_size=2)
+    first = planner.plan(nodes)
+    assert first is not None and first.packed[KV_START].tolist() == [400, 400, 400]
+    newcomers = [system[:300] + [7] * 50,  # splits the shared node at 300
+                 system + [1, 2, 8, 9],  # grows below the first request's node
+                 system[:350] + [5] * 10]  # splits again, at 350
+    for ids in newcomers:
+        cache.insert(ids, alloc.alloc(len(ids)))
+        assert [cache.match_prefix(p).last_node for p in batch_prompts] == nodes
+        reused = planner.plan(nodes)
+        fresh = CascadePlanner(tile_size=2).plan(nodes)
+        assert reused is first and fresh is not None
+        assert torch.equal(reused.packed, fresh.packed)
+        assert (reused.num_tiles, reused.max_prefix) == (fresh.num_tiles, fresh.max_prefix)
+    # A changed batch is planned anew.
+    assert planner.plan(nodes[:2]) is not first
+
+
 def decode_batch(kv: SharedKV, q_seed: int, heads: int, head_dim: int, dtype: torch.dtype
                  ) -> tuple[ForwardBatch, torch.Tensor, torch.Tensor, torch.Tensor]:
     batch = len(kv.seq_lens)
