@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from radixserve.layers.attention.kv_write import KVWrite, check_kv_write
-from radixserve.layers.triton_kernels.kv_row import copy_row_to_pool
+from radixserve.layers.triton_kernels.kv_row import (
+    copy_row_to_pool, kv_write_kernel_args, store_heads_to_pool)
 from radixserve.layers.triton_kernels.pdl import pdl_kwargs, pdl_launch_dependents, pdl_wait
 from radixserve.layers.triton_kernels.rmsnorm import rmsnorm_reference
 from radixserve.layers.triton_kernels.rotary import apply_rotary_reference
@@ -54,9 +55,7 @@ def _norm_rotate_heads(X, stride_x, row, num_heads, Wt, eps, cos, sin, head_dim,
     tl.store(base + first[None, :], y1, mask=mask)
     tl.store(base + second[None, :], y2, mask=mask)
     if STORE:
-        dst = Dst + offs_h[:, None] * stride_dst_h
-        tl.store(dst + first[None, :], y1.to(Dst.dtype.element_ty), mask=mask)
-        tl.store(dst + second[None, :], y2.to(Dst.dtype.element_ty), mask=mask)
+        store_heads_to_pool(Dst, stride_dst_h, offs_h, first, second, y1, y2, mask)
 
 
 @triton.jit
@@ -101,24 +100,18 @@ def qk_norm_rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
         raise ValueError("q, k and cos_sin_cache need a contiguous last dim")
     num_q_heads, num_k_heads = q.shape[-1] // head_dim, k.shape[-1] // head_dim
-    store = kv_write is not None
-    if store:
+    if kv_write is not None:
         check_kv_write(kv_write, k, v, num_k_heads, head_dim)
     if q.shape[0] == 0:
         return
     block_hq = triton.next_power_of_2(num_q_heads)
-    k_buf, v_buf, loc = kv_write if store else (k, k, positions)  # unread without a store
-    v_row = v if store else k
-    v_dim = v_buf.shape[2] if store else 1
     _qk_norm_rotary_kernel[(q.shape[0],)](
-        q, k, positions, cos_sin_cache, q_weight, k_weight, v_row, k_buf, v_buf, loc,
-        q.stride(0), k.stride(0), cos_sin_cache.stride(0), v_row.stride(0),
-        k_buf.stride(0), k_buf.stride(1) if store else 0, v_buf.stride(0),
-        v_buf.stride(1) if store else 0, num_q_heads, num_k_heads, head_dim, eps,
-        HALF=head_dim // 2, IS_NEOX=is_neox, BLOCK_HQ=block_hq,
-        BLOCK_HK=triton.next_power_of_2(num_k_heads), V_DIM=v_dim,
-        BLOCK_DV=triton.next_power_of_2(v_dim), STORE_KV=store,
-        num_warps=min(8, max(1, block_hq * head_dim // 512)), **pdl_kwargs(q))
+        q, k, positions, cos_sin_cache, q_weight, k_weight, stride_q=q.stride(0),
+        stride_k=k.stride(0), stride_c=cos_sin_cache.stride(0), num_q_heads=num_q_heads,
+        num_k_heads=num_k_heads, head_dim=head_dim, eps=eps, HALF=head_dim // 2,
+        IS_NEOX=is_neox, BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(num_k_heads),
+        num_warps=min(8, max(1, block_hq * head_dim // 512)),
+        **kv_write_kernel_args(kv_write, k, v, positions), **pdl_kwargs(q))
 
 
 def qk_norm_rotary_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,

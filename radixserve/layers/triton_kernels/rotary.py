@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from radixserve.layers.attention.kv_write import KVWrite, check_kv_write
-from radixserve.layers.triton_kernels.kv_row import copy_row_to_pool
+from radixserve.layers.triton_kernels.kv_row import (
+    copy_row_to_pool, kv_write_kernel_args, store_heads_to_pool)
 from radixserve.layers.triton_kernels.pdl import pdl_kwargs, pdl_launch_dependents, pdl_wait
 
 
@@ -54,9 +55,7 @@ def _rotate_heads(X, stride_x, row, num_heads, cos, sin, head_dim, Dst, stride_d
     tl.store(base + first[None, :], y1, mask=mask)
     tl.store(base + second[None, :], y2, mask=mask)
     if STORE:
-        dst = Dst + offs_h[:, None] * stride_dst_h
-        tl.store(dst + first[None, :], y1.to(Dst.dtype.element_ty), mask=mask)
-        tl.store(dst + second[None, :], y2.to(Dst.dtype.element_ty), mask=mask)
+        store_heads_to_pool(Dst, stride_dst_h, offs_h, first, second, y1, y2, mask)
 
 
 @triton.jit
@@ -111,8 +110,7 @@ def apply_rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     and v at the pool slots kv_write.loc, as `store_kv` would."""
     head_dim = head_dim or cos_sin_cache.shape[-1]
     _check(q, k, positions, cos_sin_cache, head_dim)
-    store = kv_write is not None
-    if store:
+    if kv_write is not None:
         if cos_sin_cache.shape[-1] != head_dim:
             raise ValueError("the fused KV write needs rot_dim == head_dim")
         check_kv_write(kv_write, k, v, k.shape[-1] // head_dim, head_dim)
@@ -121,19 +119,13 @@ def apply_rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     half = cos_sin_cache.shape[-1] // 2
     num_q_heads, num_k_heads = q.shape[-1] // head_dim, k.shape[-1] // head_dim
     block_hq = triton.next_power_of_2(num_q_heads)
-    k_buf, v_buf, loc = kv_write if store else (k, k, positions)  # unread without a store
-    v_row = v if store else k
-    v_dim = v_buf.shape[2] if store else 1
     _rotary_kernel[(q.shape[0],)](
-        q, k, positions, cos_sin_cache, v_row, k_buf, v_buf, loc, q.stride(0), k.stride(0),
-        cos_sin_cache.stride(0), v_row.stride(0), k_buf.stride(0),
-        k_buf.stride(1) if store else 0, v_buf.stride(0), v_buf.stride(1) if store else 0,
-        num_q_heads, num_k_heads, head_dim, HALF=half, IS_NEOX=is_neox,
-        BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(num_k_heads),
-        BLOCK_R=triton.next_power_of_2(half), V_DIM=v_dim,
-        BLOCK_DV=triton.next_power_of_2(v_dim), STORE_KV=store,
+        q, k, positions, cos_sin_cache, stride_q=q.stride(0), stride_k=k.stride(0),
+        stride_c=cos_sin_cache.stride(0), num_q_heads=num_q_heads, num_k_heads=num_k_heads,
+        head_dim=head_dim, HALF=half, IS_NEOX=is_neox, BLOCK_HQ=block_hq,
+        BLOCK_HK=triton.next_power_of_2(num_k_heads), BLOCK_R=triton.next_power_of_2(half),
         num_warps=min(8, max(1, block_hq * triton.next_power_of_2(half) // 256)),
-        **pdl_kwargs(q))
+        **kv_write_kernel_args(kv_write, k, v, positions), **pdl_kwargs(q))
 
 
 def apply_rotary_reference(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
