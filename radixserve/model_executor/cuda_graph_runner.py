@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
+from radixserve.model_executor.forward_batch import (
+    ForwardBatch, ForwardMode, fill_decode_inputs)
 
 if TYPE_CHECKING:
     from radixserve.layers.attention.cascade import CascadePlan
@@ -178,16 +179,9 @@ class CudaGraphRunner:
         # From the caching host allocator: it holds the block until the copy that reads
         # it is done, so a later step never overwrites it in flight.
         host = torch.empty(self.num_rows, padded, dtype=torch.int64, pin_memory=True)
-        h = host.numpy()
-        h[0, :bs] = [r.output_ids[-1] for r in reqs]
-        h[1, :bs] = [r.kv_committed_len for r in reqs]
-        h[2, :bs] = [r.req_pool_idx for r in reqs]
-        h[3, :bs] = h[1, :bs] + 1
-        h[4, :bs] = out_cache_loc.numpy()
-        if self.num_rows > 5:
-            h[5:, :bs] = 0 if plan is None else plan.packed.numpy()
+        fill_decode_inputs(host, reqs, out_cache_loc, plan)
         if padded != bs:
-            h[:, bs:] = self._pad_host.numpy()
+            host[:, bs:] = self._pad_host
         self._blocks[padded].copy_(host, non_blocking=True)
         return self._launch(bs, padded, plan is not None)
 

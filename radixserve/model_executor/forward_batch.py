@@ -11,6 +11,7 @@ import torch
 if TYPE_CHECKING:
     from radixserve.layers.attention.cascade import CascadePlan
     from radixserve.layers.attention.base import AttentionBackend
+    from radixserve.managers.schedule_batch import Req
     from radixserve.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 
 
@@ -71,3 +72,20 @@ class ForwardBatch:
     @property
     def num_tokens(self) -> int:
         return self.input_ids.shape[0]
+
+
+def fill_decode_inputs(host: torch.Tensor, reqs: list[Req], out_cache_loc: torch.Tensor,
+                       plan: CascadePlan | None) -> None:
+    """Write a decode batch's inputs into the first len(reqs) columns of `host`, an int64
+    CPU tensor of at least 5 rows, in the row order of ForwardBatch.packed_decode_inputs:
+    input_ids, positions, req_pool_indices, seq_lens, out_cache_loc (host slots), then,
+    where `host` has the rows, the cascade plan's four (zeros without a plan)."""
+    h = host.numpy()
+    bs = len(reqs)
+    h[0, :bs] = [r.output_ids[-1] for r in reqs]
+    h[1, :bs] = [r.kv_committed_len for r in reqs]
+    h[2, :bs] = [r.req_pool_idx for r in reqs]
+    h[3, :bs] = h[1, :bs] + 1
+    h[4, :bs] = out_cache_loc.numpy()
+    if host.shape[0] > 5:
+        h[5:, :bs] = 0 if plan is None else plan.packed.numpy()

@@ -23,7 +23,8 @@ from radixserve.managers.schedule_batch import Req, ScheduleBatch
 from radixserve.mem_cache.allocator import TokenToKVPoolAllocator
 from radixserve.mem_cache.memory_pool import (MHATokenToKVPool, MLATokenToKVPool,
                                               ReqToTokenPool)
-from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
+from radixserve.model_executor.forward_batch import (
+    ForwardBatch, ForwardMode, fill_decode_inputs)
 from radixserve.model_loader.loader import load_model
 from radixserve.sampling.sampling_batch_info import GreedyInfoCache, SamplingBatchInfo
 from radixserve.server_args import ServerArgs
@@ -229,20 +230,16 @@ class ModelRunner:
         """Turn the scheduler's batch (host lists) into device tensors."""
         reqs = batch.reqs
         dev = self.device
-        rows = [r.req_pool_idx for r in reqs]
         if batch.forward_mode.is_decode():
             # One host→device copy for the whole batch: each separate small copy costs
             # the scheduler ~30 µs of host time, and the step's host time is what the
             # overlapped GPU waits on at small models.
-            positions = [r.kv_committed_len for r in reqs]
-            seq_lens_cpu = [p + 1 for p in positions]
-            host = torch.tensor([[r.output_ids[-1] for r in reqs], positions, rows,
-                                 seq_lens_cpu], dtype=torch.int64)
-            parts = [host, batch.out_cache_loc.view(1, -1)]
             plan = self._cascade_plan(reqs)
-            if plan is not None:
-                parts.append(plan.packed)
-            packed = to_device_async(torch.cat(parts), dev)
+            host = torch.empty(5 if plan is None else 5 + plan.packed.shape[0], len(reqs),
+                               dtype=torch.int64)
+            fill_decode_inputs(host, reqs, batch.out_cache_loc, plan)
+            seq_lens_cpu = host[3].tolist()
+            packed = to_device_async(host, dev)
             input_ids, positions_d, rows_d, seq_lens, out_loc = packed[:5].unbind(0)
             return ForwardBatch(
                 forward_mode=ForwardMode.DECODE, batch_size=len(reqs),
@@ -252,6 +249,7 @@ class ModelRunner:
                 token_to_kv_pool=self.token_to_kv_pool, attn_backend=self.attn_backend,
                 packed_decode_inputs=packed, cascade_plan=plan,
                 cascade_inputs=None if plan is None else packed[5:])
+        rows = [r.req_pool_idx for r in reqs]
         prefix_lens = [r.kv_committed_len for r in reqs]
         ext_lens = [len(r.fill_ids) - p for r, p in zip(reqs, prefix_lens)]
         input_ids: list[int] = []
@@ -340,12 +338,13 @@ class ModelRunner:
         The batch's future-token slots are reserved here, so its placeholders exist
         before its tokens are sampled.
         """
+        # Every decode batch a graph can run takes the first branch, so a batch built
+        # here runs eagerly.
         logits = self._replay_decode_graph(batch)
         from_graph = logits is not None
         fb = None
         if logits is None:
             fb = self.build_forward_batch(batch)
-            from_graph = self._runs_graph(fb)
             logits = self.forward(fb)
         reqs = batch.reqs
         # Rows of `logits` that belong to each request: the last one is the next token's.
