@@ -78,6 +78,11 @@ class ServerArgs:
     # instead of NCCL. Off by default: on 2 x H200 it was no faster than NCCL inside the
     # CUDA graph (Qwen3-8B decode-bs1 TP=2: 3.451 vs 3.379 ms per step).
     enable_symm_mem_all_reduce: bool = False
+    # Small TP all-reduces on CUDA through a buffer registered with NCCL as a symmetric
+    # window (NCCL's symmetric kernels). On 2 x H200 the all-reduce alone took 6.6 us
+    # against 22 us, but Qwen3-8B decode-bs1 TP=2 stayed at 3.34 ms per step, and the
+    # path has not yet passed its GPU tests (tests/gpu/test_tp_gpu.py), so it is opt-in.
+    enable_nccl_symm_all_reduce: bool = False
 
     # HTTP server
     host: str = "127.0.0.1"

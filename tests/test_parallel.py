@@ -118,6 +118,41 @@ def test_tp2_matches_tp1_on_every_dense_arch(checkpoints: dict[str, Path]) -> No
     assert [p.exitcode for p in procs] == [0, 0]
 
 
+def _agree_rank_main(rank: int, addr: str, results: Any) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from radixserve.distributed.parallel_state import TpGroup
+
+    dist.init_process_group("gloo", init_method=f"tcp://{addr}", world_size=2, rank=rank)
+    group = TpGroup(rank, 2, dist.group.WORLD, dist.new_group(backend="gloo"))
+    # The fast all-reduce paths are CUDA-only: on CPU both decline, on every rank alike.
+    declined = not (group.enable_nccl_window_all_reduce(torch.device("cpu"))
+                    or group.enable_symm_mem_all_reduce(torch.float32, torch.device("cpu")))
+    # Rank 1's fast path failed where rank 0's worked: both must fall back to NCCL.
+    group.symm_buffer, group.symm_kind = torch.zeros(8), "nccl_window"
+    agreed = group._all_agree(rank == 0)
+    results.put((rank, declined, agreed, group.symm_buffer is None, group.symm_kind))
+    dist.destroy_process_group()
+
+
+def test_fast_all_reduce_paths_fall_back_together() -> None:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    addr = f"127.0.0.1:{free_port()}"
+    procs = [ctx.Process(target=_agree_rank_main, args=(r, addr, results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        got = sorted(results.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert got == [(0, True, False, True, ""), (1, True, False, True, "")]
+
+
 # --- DP ----------------------------------------------------------------------------
 
 def test_load_balancer_methods() -> None:

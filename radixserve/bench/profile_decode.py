@@ -1,7 +1,7 @@
 """Where one decode step's time goes, on one GPU.
 
     python -m radixserve.bench.profile_decode --model-path .bench_models/qwen3-8b \
-        --load-format dummy --batch-size 1 --input-len 128
+        --load-format dummy --batch-size 1 --input-len 128 [--tp-size 2]
 
 Prints the top kernels of the model forward (eager, so every launch is visible, and the
 CUDA graph replay, which includes the logits), the kernel time per category, and the
@@ -9,11 +9,16 @@ step split into its parts, each timed with CUDA events: graph replay, eager logi
 sampling, and the whole
 `forward_batch_generation` on the host clock. What the kernels do not account for is
 launch gaps and host work.
+
+With --tp-size N every rank runs the same profile (the collectives must match) and rank
+0 prints its own: its NCCL kernels' time includes any wait for the other ranks.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import re
 import statistics
 import time
@@ -25,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from radixserve.bench.one_batch import _alloc, _make_reqs
 from radixserve.configs.model_config import ModelConfig
+from radixserve.distributed.parallel_state import get_tp_group
 from radixserve.managers.schedule_batch import Req, ScheduleBatch
 from radixserve.model_executor.forward_batch import ForwardMode
 from radixserve.model_executor.model_runner import ModelRunner
@@ -169,10 +175,22 @@ def main(argv: list[str] | None = None) -> None:
         sa.max_running_requests = args.batch_size
     if sa.cuda_graph_max_bs is None:
         sa.cuda_graph_max_bs = args.batch_size
-    runner = ModelRunner(sa, ModelConfig.from_server_args(sa))
-    print(f"model={sa.model_path} device={torch.cuda.get_device_name(runner.device)} "
-          f"batch={args.batch_size} input_len={args.input_len}")
-    profile_decode(runner, args.batch_size, args.input_len, args.steps)
+    if sa.tp_size > 1:
+        from radixserve.distributed.launcher import run_on_tp_ranks
+
+        run_on_tp_ranks(_profile, sa, args)
+    else:
+        _profile(sa, args)
+
+
+def _profile(sa: ServerArgs, args: argparse.Namespace) -> None:
+    """The profile on this rank; only TP rank 0's output is shown."""
+    quiet = get_tp_group().rank != 0
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        runner = ModelRunner(sa, ModelConfig.from_server_args(sa))
+        print(f"model={sa.model_path} device={torch.cuda.get_device_name(runner.device)} "
+              f"batch={args.batch_size} input_len={args.input_len} tp={sa.tp_size}")
+        profile_decode(runner, args.batch_size, args.input_len, args.steps)
 
 
 if __name__ == "__main__":

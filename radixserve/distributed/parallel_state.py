@@ -13,12 +13,21 @@ other), with two communicators:
 Processes that never call `init_tp_group` see a group of size 1, whose collectives are
 no-ops, so single-GPU code paths pay nothing.
 
-Small all-reduces on CUDA (a decode step's activations: a few KB to a few MB) can go
-through torch's symmetric memory instead of NCCL (`enable_symm_mem_all_reduce`, behind
---enable-symm-mem-all-reduce): a one-shot all-reduce, one kernel that copies the local
-input into a buffer every rank can address, meets its peers at a barrier and sums all
-their buffers over NVLink. Two per layer sit on the decode step's critical path; on
-2 x H200 inside a CUDA graph it measured no faster than NCCL, so it is opt-in.
+Small all-reduces on CUDA (a decode step's activations: a few KB to a few MB) can
+leave NCCL-on-a-plain-tensor for one of two opt-in paths, both on torch's symmetric
+memory (torch keeps one symmetric-memory backend per process, so at most one is on):
+
+* the NCCL window (--enable-nccl-symm-all-reduce): a buffer allocated by NCCL and
+  registered on every rank as a symmetric window, on which NCCL (>= 2.27) runs its
+  symmetric kernels: they read the peers' copies directly instead of staging them
+  through NCCL's channels. The input is copied in and the sum copied out (two small
+  kernels, ~1 us each), because every call shares the window. On 2 x H200, 73 such
+  all-reduces of 8 KB in a CUDA graph took 6.6 us each, against 17.6-22 us for NCCL
+  on a plain tensor whatever its protocol or channel settings; the Qwen3-8B TP=2
+  decode step did not get faster (docs/benchmarks.md);
+* the one-shot kernel (--enable-symm-mem-all-reduce, torch's own backend): copies the
+  local input into a buffer every rank can address, meets its peers at a barrier and
+  sums all their buffers over NVLink. No faster than NCCL on 2 x H200.
 """
 
 from __future__ import annotations
@@ -52,8 +61,11 @@ class TpGroup:
     size: int = 1
     device_group: Any = None  # dist.ProcessGroup; None when size == 1
     cpu_group: Any = None
-    # The symmetric-memory buffer of the one-shot all-reduce (None: NCCL only).
+    # The symmetric-memory buffer of the fast small all-reduce (None: NCCL only), and
+    # which path uses it: "nccl_window" (bytes, viewed as each input's dtype) or
+    # "one_shot" (typed).
     symm_buffer: torch.Tensor | None = None
+    symm_kind: str = ""
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks. Use the return value: NCCL sums in place, the one-shot path
@@ -61,6 +73,17 @@ class TpGroup:
         if self.size == 1:
             return x
         buf = self.symm_buffer
+        if buf is not None and self.symm_kind == "nccl_window":
+            nbytes = x.numel() * x.element_size()
+            if nbytes <= buf.numel() and x.is_contiguous():
+                # Every rank passes the window at offset 0, as NCCL's symmetric kernels
+                # require. The sum is copied out: the next call overwrites the window.
+                v = buf[:nbytes].view(x.dtype).view_as(x)
+                v.copy_(x)
+                dist.all_reduce(v, group=self.device_group)
+                return v.clone()
+            dist.all_reduce(x, group=self.device_group)
+            return x
         # The kernel copies x into the buffer with the widest vector both allow: x
         # must start and end on 16 bytes, as the buffer does.
         if (buf is not None and x.dtype == buf.dtype and x.numel() <= buf.numel()
@@ -88,20 +111,62 @@ class TpGroup:
             buf = symm_mem.empty(_SYMM_MEM_MAX_BYTES // dtype.itemsize, dtype=dtype,
                                  device=device)
             symm_mem.rendezvous(buf, name)
-            self.symm_buffer = buf
-            probe = torch.full((8,), float(self.rank + 1), dtype=dtype, device=device)
-            total = self.all_reduce(probe)
-            expected = self.size * (self.size + 1) / 2
-            if not bool((total == expected).all()):
-                raise RuntimeError(f"one-shot all-reduce gave {total.tolist()}, "
-                                   f"expected {expected}")
+            self.symm_buffer, self.symm_kind = buf, "one_shot"
+            self._probe_symm_all_reduce(dtype, device)
         except Exception as exc:  # noqa: BLE001 - an optional fast path: NCCL stays
-            self.symm_buffer = None
+            self.symm_buffer, self.symm_kind = None, ""
             logger.warning("symmetric-memory all-reduce unavailable, using NCCL: %s", exc)
+        if not self._all_agree(self.symm_buffer is not None):
             return False
         logger.info("TP all-reduces up to %d KiB use symmetric memory (one-shot)",
                     _SYMM_MEM_MAX_BYTES >> 10)
         return True
+
+    def enable_nccl_window_all_reduce(self, device: torch.device) -> bool:
+        """Route all-reduces up to _SYMM_MEM_MAX_BYTES through a buffer registered with
+        NCCL as a symmetric window; False (plain NCCL stays) where this torch, NCCL or
+        GPU cannot, or another symmetric-memory backend is already in use. Collective:
+        every rank calls it, at the same point, before any CUDA graph is captured."""
+        if self.size == 1 or device.type != "cuda" or self.symm_buffer is not None:
+            return False
+        try:
+            import torch.distributed._symmetric_memory as symm_mem
+
+            symm_mem.set_backend("NCCL")
+            buf = symm_mem.empty(_SYMM_MEM_MAX_BYTES, dtype=torch.uint8, device=device)
+            symm_mem.rendezvous(buf, self.device_group.group_name)
+            self.symm_buffer, self.symm_kind = buf, "nccl_window"
+            for dtype in _SYMM_MEM_DTYPES:
+                self._probe_symm_all_reduce(dtype, device)
+        except Exception as exc:  # noqa: BLE001 - an optional fast path: NCCL stays
+            self.symm_buffer, self.symm_kind = None, ""
+            logger.warning("NCCL symmetric-window all-reduce unavailable, using plain "
+                           "NCCL: %s", exc)
+        if not self._all_agree(self.symm_buffer is not None):
+            return False
+        logger.info("TP all-reduces up to %d KiB use an NCCL symmetric window",
+                    _SYMM_MEM_MAX_BYTES >> 10)
+        return True
+
+    def _all_agree(self, ok: bool) -> bool:
+        """True where every rank's `ok` is; otherwise drop this rank's fast path too.
+        Ranks on different paths would wait on each other forever in the first
+        all-reduce. (A rank that fails before the rendezvous still leaves its peers
+        waiting in it: that cannot be undone from here.)"""
+        if self.cpu_group is not None:  # hand-built groups in tests have none
+            ok = self.min_int(int(ok)) == 1
+        if not ok:
+            self.symm_buffer, self.symm_kind = None, ""
+        return ok
+
+    def _probe_symm_all_reduce(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Raise unless the fast path sums a small tensor right on every rank."""
+        probe = torch.full((8,), float(self.rank + 1), dtype=dtype, device=device)
+        total = self.all_reduce(probe)
+        expected = self.size * (self.size + 1) / 2
+        if not bool((total == expected).all()):
+            raise RuntimeError(f"{self.symm_kind} all-reduce gave {total.tolist()}, "
+                               f"expected {expected}")
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Concatenate every rank's `x` along `dim`, in rank order."""

@@ -118,6 +118,8 @@ class ModelRunner:
         self.last_wait_s = 0.0  # host time spent waiting for the device in resolve_batch
         if server_args.enable_symm_mem_all_reduce:
             self.tp_group.enable_symm_mem_all_reduce(self.dtype, self.device)
+        elif server_args.enable_nccl_symm_all_reduce:
+            self.tp_group.enable_nccl_window_all_reduce(self.device)
         self.cuda_graph_runner = None
         if self.device.type == "cuda" and not server_args.disable_cuda_graph:
             from radixserve.model_executor.cuda_graph_runner import CudaGraphRunner

@@ -68,13 +68,19 @@ def test_tp2_symm_mem_equals_tp1(checkpoint: str, reference: list[dict]) -> None
     _assert_same(reference, _generate(checkpoint, tp_size=2, enable_symm_mem_all_reduce=True))
 
 
-# [rows, cols] of the all-reduces checked below: decode-sized ones take the one-shot path;
-# 17 x 1,001 (a length that is not whole 16-byte vectors) and 600 x 4,096 bf16 (over the
-# 4 MiB bound) fall back to NCCL.
+def test_tp2_nccl_window_equals_tp1(checkpoint: str, reference: list[dict]) -> None:
+    # The same with the all-reduces through an NCCL symmetric window.
+    _assert_same(reference, _generate(checkpoint, tp_size=2, enable_nccl_symm_all_reduce=True))
+
+
+# [rows, cols] of the all-reduces checked below: decode-sized ones take the fast path;
+# 17 x 1,001 (a length that is not whole 16-byte vectors: NCCL for the one-shot kernel,
+# the window for NCCL's) and 600 x 4,096 bf16 (over the 4 MiB bound) fall back to NCCL.
 _AR_SHAPES = [(1, 64), (3, 4096), (17, 1001), (256, 4096), (600, 4096)]
 
 
-def _all_reduce_worker(rank: int, port: int, queue: "torch.multiprocessing.Queue") -> None:
+def _all_reduce_worker(rank: int, port: int, kind: str,
+                       queue: "torch.multiprocessing.Queue") -> None:
     import torch.distributed as dist
 
     from radixserve.distributed.parallel_state import TpGroup
@@ -86,14 +92,19 @@ def _all_reduce_worker(rank: int, port: int, queue: "torch.multiprocessing.Queue
     group = TpGroup(rank, 2, dist.group.WORLD, None)
     report: dict[str, object] = {}
     for dtype in (torch.bfloat16, torch.float32):
-        report[f"enabled {dtype}"] = group.enable_symm_mem_all_reduce(dtype, dev)
+        if kind == "one_shot":
+            report[f"enabled {dtype}"] = group.enable_symm_mem_all_reduce(dtype, dev)
+        elif dtype == torch.bfloat16:  # one window serves every dtype
+            report["enabled"] = group.enable_nccl_window_all_reduce(dev)
         for rows, cols in _AR_SHAPES:
             g = torch.Generator(device=dev).manual_seed(1000 * rank + rows)
             x = torch.randn(rows, cols, generator=g, device=dev).to(dtype)
             want = x.clone()
             dist.all_reduce(want)  # NCCL
-            # Inside a CUDA graph too, replayed on new data, as the decode step runs it.
-            static = x.clone()
+            # Inside a CUDA graph too, replayed on new data, as the decode step runs it;
+            # two calls, the first result read after the second (which reuses any
+            # shared buffer). Doubling is exact, so the second sum is exactly 2 x want.
+            static = torch.zeros_like(x)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -101,7 +112,9 @@ def _all_reduce_worker(rank: int, port: int, queue: "torch.multiprocessing.Queue
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=stream):
+                doubled = static * 2  # before the first call, which may sum in place
                 out = group.all_reduce(static)
+                out2 = group.all_reduce(doubled)
             static.copy_(x)
             graph.replay()
             torch.cuda.synchronize()
@@ -109,11 +122,13 @@ def _all_reduce_worker(rank: int, port: int, queue: "torch.multiprocessing.Queue
             report[f"{dtype} {rows}x{cols} eager"] = bool(torch.equal(group.all_reduce(x.clone()),
                                                                       want))
             report[f"{dtype} {rows}x{cols} graph"] = bool(torch.equal(out, want))
+            report[f"{dtype} {rows}x{cols} graph 2nd"] = bool(torch.equal(out2, want * 2))
     queue.put((rank, report))
     dist.destroy_process_group()
 
 
-def test_symm_mem_all_reduce_equals_nccl() -> None:
+@pytest.mark.parametrize("kind", ["one_shot", "nccl_window"])
+def test_symm_mem_all_reduce_equals_nccl(kind: str) -> None:
     import socket
 
     import torch.multiprocessing as mp
@@ -123,7 +138,7 @@ def test_symm_mem_all_reduce_equals_nccl() -> None:
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_all_reduce_worker, args=(r, port, queue)) for r in range(2)]
+    procs = [ctx.Process(target=_all_reduce_worker, args=(r, port, kind, queue)) for r in range(2)]
     for p in procs:
         p.start()
     reports = dict(queue.get(timeout=300) for _ in procs)
