@@ -68,8 +68,8 @@ class TpGroup:
     symm_kind: str = ""
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks. Use the return value: NCCL sums in place, the one-shot path
-        returns a new tensor (copying it back would cost a kernel per call)."""
+        """Sum over ranks. Use the return value: NCCL sums in place, the symmetric-memory
+        paths return a new tensor (copying it back would cost a kernel per call)."""
         if self.size == 1:
             return x
         buf = self.symm_buffer
