@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,25 +103,18 @@ class TpGroup:
         same point, before any CUDA graph is captured."""
         if self.size == 1 or device.type != "cuda" or dtype not in _SYMM_MEM_DTYPES:
             return False
-        try:
-            import torch.distributed._symmetric_memory as symm_mem
 
+        def make_buffer(symm_mem: Any) -> torch.Tensor:
             name = self.device_group.group_name
             if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before torch 2.8
                 symm_mem.enable_symm_mem_for_group(name)
             buf = symm_mem.empty(_SYMM_MEM_MAX_BYTES // dtype.itemsize, dtype=dtype,
                                  device=device)
             symm_mem.rendezvous(buf, name)
-            self.symm_buffer, self.symm_kind = buf, "one_shot"
-            self._probe_symm_all_reduce(dtype, device)
-        except Exception as exc:  # noqa: BLE001 - an optional fast path: NCCL stays
-            self.symm_buffer, self.symm_kind = None, ""
-            logger.warning("symmetric-memory all-reduce unavailable, using NCCL: %s", exc)
-        if not self._all_agree(self.symm_buffer is not None):
-            return False
-        logger.info("TP all-reduces up to %d KiB use symmetric memory (one-shot)",
-                    _SYMM_MEM_MAX_BYTES >> 10)
-        return True
+            return buf
+
+        return self._set_up_symm_path("one_shot", "symmetric memory (one-shot)", make_buffer,
+                                      (dtype,), device)
 
     def enable_nccl_window_all_reduce(self, device: torch.device) -> bool:
         """Route all-reduces up to _SYMM_MEM_MAX_BYTES through a buffer registered with
@@ -129,23 +123,34 @@ class TpGroup:
         every rank calls it, at the same point, before any CUDA graph is captured."""
         if self.size == 1 or device.type != "cuda" or self.symm_buffer is not None:
             return False
-        try:
-            import torch.distributed._symmetric_memory as symm_mem
 
+        def make_buffer(symm_mem: Any) -> torch.Tensor:
             symm_mem.set_backend("NCCL")
             buf = symm_mem.empty(_SYMM_MEM_MAX_BYTES, dtype=torch.uint8, device=device)
             symm_mem.rendezvous(buf, self.device_group.group_name)
-            self.symm_buffer, self.symm_kind = buf, "nccl_window"
-            for dtype in _SYMM_MEM_DTYPES:
+            return buf
+
+        # One window serves every dtype: probe each.
+        return self._set_up_symm_path("nccl_window", "an NCCL symmetric window", make_buffer,
+                                      _SYMM_MEM_DTYPES, device)
+
+    def _set_up_symm_path(self, kind: str, what: str,
+                          make_buffer: Callable[[Any], torch.Tensor],
+                          probe_dtypes: tuple[torch.dtype, ...], device: torch.device) -> bool:
+        """Make the buffer, probe the path in each dtype, and keep it only where every
+        rank did all of that; any failure leaves plain NCCL on every rank."""
+        try:
+            import torch.distributed._symmetric_memory as symm_mem
+
+            self.symm_buffer, self.symm_kind = make_buffer(symm_mem), kind
+            for dtype in probe_dtypes:
                 self._probe_symm_all_reduce(dtype, device)
         except Exception as exc:  # noqa: BLE001 - an optional fast path: NCCL stays
             self.symm_buffer, self.symm_kind = None, ""
-            logger.warning("NCCL symmetric-window all-reduce unavailable, using plain "
-                           "NCCL: %s", exc)
+            logger.warning("all-reduce through %s unavailable, using NCCL: %s", what, exc)
         if not self._all_agree(self.symm_buffer is not None):
             return False
-        logger.info("TP all-reduces up to %d KiB use an NCCL symmetric window",
-                    _SYMM_MEM_MAX_BYTES >> 10)
+        logger.info("TP all-reduces up to %d KiB use %s", _SYMM_MEM_MAX_BYTES >> 10, what)
         return True
 
     def _all_agree(self, ok: bool) -> bool:

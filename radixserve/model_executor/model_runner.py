@@ -295,7 +295,7 @@ class ModelRunner:
         samples (see FutureTokenMap); they are resolved on the device (inside the CUDA
         graph when one runs, so that costs no host time). A CUDA graph's logits live in
         a buffer that the next replay overwrites."""
-        if self._runs_graph(fb):
+        if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(fb):
             return self.cuda_graph_runner.replay(fb)
         if self.future.pending:
             fb.input_ids = self.future.resolve(fb.input_ids)
@@ -314,9 +314,6 @@ class ModelRunner:
             return None
         return graphs.replay_reqs(batch.reqs, batch.out_cache_loc,
                                   self._cascade_plan(batch.reqs))
-
-    def _runs_graph(self, fb: ForwardBatch) -> bool:
-        return self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(fb)
 
     @torch.inference_mode()
     def forward_batch_generation(self, batch: ScheduleBatch) -> BatchResult:
