@@ -78,10 +78,11 @@ class ServerArgs:
     # instead of NCCL. Off by default: on 2 x H200 it was no faster than NCCL inside the
     # CUDA graph (Qwen3-8B decode-bs1 TP=2: 3.451 vs 3.379 ms per step).
     enable_symm_mem_all_reduce: bool = False
-    # Small TP all-reduces on CUDA through a buffer registered with NCCL as a symmetric
-    # window (NCCL's symmetric kernels). On 2 x H200 the all-reduce alone took 6.6 us
-    # against 22 us, but Qwen3-8B decode-bs1 TP=2 stayed at 3.34 ms per step, and the
-    # path has not yet passed its GPU tests (tests/gpu/test_tp_gpu.py), so it is opt-in.
+    # TP all-reduces up to 4 MiB on CUDA through a buffer registered with NCCL as a
+    # symmetric window (NCCL's symmetric kernels), row-parallel layers writing straight
+    # into it. On 2 x H200, Qwen3-8B decode-bs1 TP=2: 3.11-3.20 ms per step against 3.35
+    # with plain NCCL. Opt-in (as SGLang's --enable-symm-mem): what it does to prefill-
+    # sized all-reduces (up to 4 MiB) and on other hosts is not measured.
     enable_nccl_symm_all_reduce: bool = False
 
     # HTTP server

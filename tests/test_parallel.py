@@ -153,6 +153,76 @@ def test_fast_all_reduce_paths_fall_back_together() -> None:
     assert got == [(0, True, False, True, ""), (1, True, False, True, "")]
 
 
+def _window_rank_main(rank: int, addr: str, results: Any) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from radixserve.distributed import parallel_state
+    from radixserve.distributed.parallel_state import TpGroup
+    from radixserve.layers.linear import RowParallelLinear
+
+    dist.init_process_group("gloo", init_method=f"tcp://{addr}", world_size=2, rank=rank)
+    group = TpGroup(rank, 2, dist.group.WORLD, None)
+    # A CPU tensor stands in for the NCCL window: the slot bookkeeping is the same.
+    window = torch.zeros(2048, dtype=torch.uint8)
+    group.symm_buffer, group.symm_kind = window, "nccl_window"
+    parallel_state._TP = group
+    start = window.data_ptr()
+    got: dict[str, bool] = {}
+    a = group.all_reduce(torch.full((4,), rank + 1.0))
+    b = group.all_reduce(torch.full((4,), 10.0 * (rank + 1)))
+    got["first result at the window's start"] = a.data_ptr() == start
+    got["second in a slot of its own"] = b.data_ptr() == start + 128
+    got["both sums hold"] = bool((a == 3).all() and (b == 30).all())
+    target = group.all_reduce_buffer((2, 8), torch.float32)
+    target.fill_(rank + 1)
+    summed = group.all_reduce(target)
+    got["a buffer from all_reduce_buffer is summed in place"] = (
+        summed.data_ptr() == target.data_ptr() == start + 256 and bool((summed == 3).all()))
+    big = torch.ones(600)  # 2,400 bytes: more than the window holds
+    got["too large: plain all-reduce"] = group.all_reduce(big) is big and bool((big == 2).all())
+    rest = [group.all_reduce(torch.ones(64)) for _ in range(8)]  # 256 bytes each
+    inside = [r.data_ptr() != 0 and start <= r.data_ptr() < start + 2048 for r in rest]
+    got["window full: the rest go plain"] = inside == [True] * 6 + [False] * 2
+    got["earlier results untouched"] = bool((a == 3).all() and (b == 30).all())
+    group.begin_forward()
+    got["next pass starts at the window's start"] = (
+        group.all_reduce(torch.ones(3)).data_ptr() == start)
+    # A row-parallel layer through the window equals the unsplit product.
+    torch.manual_seed(0)
+    full_w, x_full = torch.randn(16, 32), torch.randn(3, 32)
+    layer = RowParallelLinear(32, 16, tp_rank=rank, tp_size=2)
+    layer.weight_loader(layer.weight, full_w)
+    group.begin_forward()
+    out = layer(x_full[:, rank * 16:(rank + 1) * 16].contiguous())
+    got["row-parallel output in the window"] = out.data_ptr() == start
+    got["row-parallel output right"] = torch.allclose(out, x_full @ full_w.t(), atol=1e-5)
+    results.put((rank, got))
+    dist.destroy_process_group()
+
+
+def test_all_reduces_take_their_own_window_slots() -> None:
+    """The NCCL window's bookkeeping (on gloo, with a CPU tensor for the window): each
+    all-reduce of a pass gets its own slot, so earlier sums stay readable; a row-parallel
+    layer writes its product straight into the slot and it is summed there; what does
+    not fit goes through the plain all-reduce; `begin_forward` starts over."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    addr = f"127.0.0.1:{free_port()}"
+    procs = [ctx.Process(target=_window_rank_main, args=(r, addr, results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        reports = dict(results.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    for rank, got in reports.items():
+        assert all(got.values()), (rank, got)
+
+
 # --- DP ----------------------------------------------------------------------------
 
 def test_load_balancer_methods() -> None:

@@ -256,3 +256,43 @@ def test_rmsnorm_linear_fuses_up_to_the_hidden_bound(monkeypatch, hidden: int,
     assert len(calls) == (1 if fused else 0)
     assert torch.equal(h, want_h)
     assert torch.equal(out, linear_dispatch.linear(want_normed, w))
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_gemv_writes_into_a_given_out(split_k: int) -> None:
+    """With `out` the product lands there (what a row-parallel layer uses to write
+    straight into the all-reduce's buffer), equal to the product in a new tensor."""
+    x, w, b = _operands(1, 40, 200, torch.bfloat16, True, seed=split_k)
+    cfg = GemvConfig(block_n=16, block_k=32, split_k=split_k, use_dot=False)
+    backing = torch.full((3, 40), 7.0, dtype=torch.bfloat16, device=DEVICE)
+    got = gemv(x, w, b, cfg, out=backing[1:2])
+    assert got.data_ptr() == backing[1].data_ptr()
+    assert torch.equal(got, gemv(x, w, b, cfg))
+    assert (backing[0] == 7).all() and (backing[2] == 7).all()  # nothing around it
+    with pytest.raises(ValueError, match="out must be"):
+        gemv(x, w, b, cfg, out=backing[:, :20].contiguous()[:1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="forces the CUDA paths onto the CPU")
+@pytest.mark.parametrize("rows,bias,gemv_path", [(1, False, True), (1, True, True),
+                                                 (3, True, False), (3, False, False)])
+def test_linear_writes_into_a_given_out(monkeypatch, rows: int, bias: bool,
+                                        gemv_path: bool) -> None:
+    """`linear(..., out=)` on both of its paths (the GEMV at one row, the BLAS matmul
+    otherwise) gives what it gives without `out`, in `out`; a wrong `out` is refused."""
+    from radixserve.layers import linear_dispatch
+
+    monkeypatch.setattr(linear_dispatch, "_GEMV_DEVICES", ("cuda", "cpu"))
+    calls = []
+    real = linear_dispatch._gemv_module().gemv
+    monkeypatch.setattr(linear_dispatch._gemv_module(), "gemv",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x, w, b = _operands(rows, 24, 64, torch.bfloat16, bias, seed=rows)
+    x = x.view(rows, 1, 64)
+    want = linear_dispatch.linear(x, w, b)
+    out = torch.empty(rows, 1, 24, dtype=torch.bfloat16)
+    got = linear_dispatch.linear(x, w, b, out=out)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(got, want)
+    assert len(calls) == (2 if gemv_path else 0)
+    with pytest.raises(ValueError, match="out must be"):
+        linear_dispatch.linear(x, w, b, out=torch.empty(rows, 24, dtype=torch.float32))

@@ -129,9 +129,11 @@ def profile_decode(runner: ModelRunner, bs: int, input_len: int, steps: int = 5,
 
     def eager() -> None:
         runner.attn_backend.init_forward_metadata(fb)
+        runner.tp_group.begin_forward()
         model(fb.input_ids, fb.positions, fb)
 
     runner.attn_backend.init_forward_metadata(fb)
+    runner.tp_group.begin_forward()
     hidden = model(fb.input_ids, fb.positions, fb)
     logits = model.compute_logits(hidden)
     result = {"eager_kernels_ms": print_kernels(

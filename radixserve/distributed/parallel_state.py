@@ -20,11 +20,16 @@ memory (torch keeps one symmetric-memory backend per process, so at most one is 
 * the NCCL window (--enable-nccl-symm-all-reduce): a buffer allocated by NCCL and
   registered on every rank as a symmetric window, on which NCCL (>= 2.27) runs its
   symmetric kernels: they read the peers' copies directly instead of staging them
-  through NCCL's channels. The input is copied in and the sum copied out (two small
-  kernels, ~1 us each), because every call shares the window. On 2 x H200, 73 such
-  all-reduces of 8 KB in a CUDA graph took 6.6 us each, against 17.6-22 us for NCCL
-  on a plain tensor whatever its protocol or channel settings; the Qwen3-8B TP=2
-  decode step did not get faster (docs/benchmarks.md);
+  through NCCL's channels. Each all-reduce of a forward pass gets its own slot of the
+  window (`begin_forward` starts the next pass at the window's start), so its sum
+  stays valid for the rest of the pass and is returned in place, with no copy out.
+  Row-parallel layers write their product straight into the next slot
+  (`all_reduce_buffer`), so there is no copy in either; other inputs are copied in.
+  Slots sit at the same offsets on every rank, as NCCL's symmetric kernels need,
+  because every rank runs the same all-reduces in the same order. On 2 x H200, in the
+  Qwen3-8B TP=2 decode graph, NCCL's symmetric kernel takes 3.9 us per all-reduce of
+  8 KB, where NCCL on a plain tensor costs 17.6-22 us whatever its protocol or channel
+  settings, and the step went from 3.35 to 3.11-3.20 ms (docs/benchmarks.md);
 * the one-shot kernel (--enable-symm-mem-all-reduce, torch's own backend): copies the
   local input into a buffer every rank can address, meets its peers at a barrier and
   sums all their buffers over NVLink. No faster than NCCL on 2 x H200.
@@ -51,7 +56,15 @@ _CPU_GROUP_TIMEOUT = datetime.timedelta(days=30)
 
 # Activations up to this size take the one-shot path: each rank reads every peer's copy,
 # so its cost grows with size x ranks; past a few MB (prefill) NCCL's ring is better.
+# The NCCL window takes all-reduces up to this size too.
 _SYMM_MEM_MAX_BYTES = 4 << 20
+# The NCCL window: room for every all-reduce of a decode pass up to a batch of ~56 for
+# Qwen3-8B (73 x 8 KB per row), ~280 for Qwen3-0.6B (57 x 2 KB per row). A pass that
+# needs more sends the rest through NCCL on plain tensors.
+_WINDOW_BYTES = 32 << 20
+# Slot alignment in the window: whole 16-byte vectors for the kernels writing into it,
+# rounded up to a cache line.
+_SLOT_ALIGN = 128
 # The one-shot kernel is built for these element types only.
 _SYMM_MEM_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -67,22 +80,63 @@ class TpGroup:
     # "one_shot" (typed).
     symm_buffer: torch.Tensor | None = None
     symm_kind: str = ""
+    # Bytes of the NCCL window that this forward pass's all-reduces hold.
+    window_used: int = 0
+
+    def begin_forward(self) -> None:
+        """A new forward pass: its all-reduces take the NCCL window from its start again.
+        Call it before every pass (eager, and each CUDA graph's capture), once nothing
+        of the previous pass's all-reduce results is still to be read: the results of
+        a pass live in the window until the next pass overwrites them."""
+        self.window_used = 0
+
+    def all_reduce_buffer(self, shape: tuple[int, ...], dtype: torch.dtype
+                          ) -> torch.Tensor | None:
+        """Where to compute the next all-reduce's input so that it needs no copy (a slot
+        of the NCCL window), or None: then compute it anywhere. The caller must pass
+        what it writes there to `all_reduce` next, on every rank alike."""
+        if self.symm_kind != "nccl_window":
+            return None
+        numel = 1
+        for d in shape:
+            numel *= d
+        slot = self._window_slot(numel * dtype.itemsize)
+        return None if slot is None else slot.view(dtype).view(shape)
+
+    def _window_slot(self, nbytes: int) -> torch.Tensor | None:
+        """The next free bytes of the window for this pass, or None when it is full or
+        the all-reduce is too large to gain from it."""
+        buf = self.symm_buffer
+        start = self.window_used
+        if buf is None or nbytes > _SYMM_MEM_MAX_BYTES or start + nbytes > buf.numel():
+            return None
+        self.window_used = start + -(-nbytes // _SLOT_ALIGN) * _SLOT_ALIGN
+        return buf[start:start + nbytes]
+
+    def _in_window(self, x: torch.Tensor) -> bool:
+        buf = self.symm_buffer
+        start = buf.data_ptr()
+        return (x.is_contiguous() and start <= x.data_ptr()
+                and x.data_ptr() + x.numel() * x.element_size() <= start + buf.numel())
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks. Use the return value: NCCL sums in place, the symmetric-memory
-        paths return a new tensor (copying it back would cost a kernel per call)."""
+        """Sum over ranks. Use the return value: NCCL and the NCCL window sum in place
+        (the window into a slot of its own unless x is in the window already), the
+        one-shot path returns a new tensor (copying it back would cost a kernel per
+        call). A result in the window is valid until the next `begin_forward`."""
         if self.size == 1:
             return x
         buf = self.symm_buffer
         if buf is not None and self.symm_kind == "nccl_window":
-            nbytes = x.numel() * x.element_size()
-            if nbytes <= buf.numel() and x.is_contiguous():
-                # Every rank passes the window at offset 0, as NCCL's symmetric kernels
-                # require. The sum is copied out: the next call overwrites the window.
-                v = buf[:nbytes].view(x.dtype).view_as(x)
-                v.copy_(x)
-                dist.all_reduce(v, group=self.device_group)
-                return v.clone()
+            if not self._in_window(x):
+                slot = (self._window_slot(x.numel() * x.element_size())
+                        if x.is_contiguous() else None)
+                if slot is None:
+                    dist.all_reduce(x, group=self.device_group)
+                    return x
+                x = slot.view(x.dtype).view_as(x).copy_(x)
+            # Every rank's x is at the same offset of its window: NCCL's symmetric
+            # kernels run on it.
             dist.all_reduce(x, group=self.device_group)
             return x
         # The kernel copies x into the buffer with the widest vector both allow: x
@@ -125,8 +179,13 @@ class TpGroup:
             return False
 
         def make_buffer(symm_mem: Any) -> torch.Tensor:
+            # The window is registered with this group's NCCL communicator, which must
+            # exist by then: a group made without a device id creates it lazily, at
+            # its first collective. (Without this, ranks of such a group never got
+            # past the set-up on 2 x H200.)
+            dist.all_reduce(torch.zeros(1, device=device), group=self.device_group)
             symm_mem.set_backend("NCCL")
-            buf = symm_mem.empty(_SYMM_MEM_MAX_BYTES, dtype=torch.uint8, device=device)
+            buf = symm_mem.empty(_WINDOW_BYTES, dtype=torch.uint8, device=device)
             symm_mem.rendezvous(buf, self.device_group.group_name)
             return buf
 
@@ -145,6 +204,7 @@ class TpGroup:
             self.symm_buffer, self.symm_kind = make_buffer(symm_mem), kind
             for dtype in probe_dtypes:
                 self._probe_symm_all_reduce(dtype, device)
+            self.begin_forward()  # the probes' slots are free again
         except Exception as exc:  # noqa: BLE001 - an optional fast path: NCCL stays
             self.symm_buffer, self.symm_kind = None, ""
             logger.warning("all-reduce through %s unavailable, using NCCL: %s", what, exc)

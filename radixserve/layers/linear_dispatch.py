@@ -48,17 +48,31 @@ NORM_GEMV_MAX_HIDDEN = 2048
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           silu_and_mul_input: bool = False) -> torch.Tensor:
+           silu_and_mul_input: bool = False, out: torch.Tensor | None = None
+           ) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [..., K] and weight [N, K]. With
     silu_and_mul_input, x is [..., 2K] = cat(gate, up) and the input is silu(gate) * up
-    (the GEMV applies it as it reads x; otherwise it runs first)."""
+    (the GEMV applies it as it reads x; otherwise it runs first). With `out` (contiguous,
+    [..., N] in x's dtype) the product is written there and `out` returned."""
+    if out is not None and (out.shape != (*x.shape[:-1], weight.shape[0])
+                            or out.dtype != x.dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {(*x.shape[:-1], weight.shape[0])} "
+                         f"{x.dtype}; got {tuple(out.shape)} {out.dtype}")
     rows = _gemv_rows(x, weight)
     if rows is not None:
-        out = _gemv_module().gemv(rows, weight, bias, silu_and_mul_input=silu_and_mul_input)
-        return out.view(*x.shape[:-1], weight.shape[0])
+        result = _gemv_module().gemv(rows, weight, bias, silu_and_mul_input=silu_and_mul_input,
+                                     out=None if out is None else out.view(rows.shape[0], -1))
+        return result.view(*x.shape[:-1], weight.shape[0])
     if silu_and_mul_input:
         x = silu_and_mul(x)
-    return F.linear(x, weight, bias)
+    if out is None:
+        return F.linear(x, weight, bias)
+    x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])
+    if bias is None:
+        torch.mm(x2, weight.t(), out=out2)
+    else:
+        torch.addmm(bias, x2, weight.t(), out=out2)
+    return out
 
 
 def rmsnorm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,

@@ -136,6 +136,9 @@ class CudaGraphRunner:
         # it costs the host nothing, and the padded / known ids are left as they are.
         model = self.mr.model
         input_ids = self.mr.future.resolve(fb.input_ids)
+        # Every graph's all-reduces take the NCCL window from its start (graphs never
+        # run at once): the offsets captured here are the ones every replay uses.
+        self.mr.tp_group.begin_forward()
         model.compute_logits(model(input_ids, fb.positions, fb), out=self.logits[:fb.batch_size])
 
     def _padded(self, bs: int) -> int:

@@ -300,6 +300,9 @@ class ModelRunner:
         if self.future.pending:
             fb.input_ids = self.future.resolve(fb.input_ids)
         self.attn_backend.init_forward_metadata(fb)
+        # The last pass's all-reduce results (in the NCCL window) were all read by the
+        # kernels enqueued before this one.
+        self.tp_group.begin_forward()
         hidden = self.model(fb.input_ids, fb.positions, fb)
         if fb.logits_indices is not None:
             hidden = hidden[fb.logits_indices]

@@ -34,6 +34,9 @@ DTYPE = torch.bfloat16
 MODELS = {
     "qwen3-8b": (36, [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 24576),
                       ("down", 12288, 4096), ("lm_head", 4096, 151936)]),
+    # One rank's share at --tp-size 2: column-parallel N and row-parallel K halve.
+    "qwen3-8b-tp2": (36, [("qkv", 4096, 3072), ("o", 2048, 4096), ("gate_up", 4096, 12288),
+                          ("down", 6144, 4096), ("lm_head", 4096, 75968)]),
     "qwen3-0.6b": (28, [("qkv", 1024, 4096), ("o", 2048, 1024), ("gate_up", 1024, 6144),
                         ("down", 3072, 1024), ("lm_head", 1024, 151936)]),
 }

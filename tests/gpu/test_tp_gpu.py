@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -97,6 +99,7 @@ def _all_reduce_worker(rank: int, port: int, kind: str,
         elif dtype == torch.bfloat16:  # one window serves every dtype
             report["enabled"] = group.enable_nccl_window_all_reduce(dev)
         for rows, cols in _AR_SHAPES:
+            group.begin_forward()  # each shape is a pass of its own, as in a model
             g = torch.Generator(device=dev).manual_seed(1000 * rank + rows)
             x = torch.randn(rows, cols, generator=g, device=dev).to(dtype)
             want = x.clone()
@@ -123,8 +126,18 @@ def _all_reduce_worker(rank: int, port: int, kind: str,
                                                                       want))
             report[f"{dtype} {rows}x{cols} graph"] = bool(torch.equal(out, want))
             report[f"{dtype} {rows}x{cols} graph 2nd"] = bool(torch.equal(out2, want * 2))
+            # Written straight into the window, as a row-parallel layer does: summed there.
+            target = group.all_reduce_buffer(tuple(x.shape), dtype)
+            if target is not None:
+                summed = group.all_reduce(target.copy_(x))
+                report[f"{dtype} {rows}x{cols} in place"] = bool(
+                    summed.data_ptr() == target.data_ptr() and torch.equal(summed, want))
     queue.put((rank, report))
-    dist.destroy_process_group()
+    queue.close()
+    queue.join_thread()  # the report is out
+    # No destroy_process_group: on 2 x H200 (torch 2.11, NCCL 2.28) it never returned,
+    # for either kind, and teardown is not what this test checks.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("kind", ["one_shot", "nccl_window"])
@@ -141,8 +154,12 @@ def test_symm_mem_all_reduce_equals_nccl(kind: str) -> None:
     procs = [ctx.Process(target=_all_reduce_worker, args=(r, port, kind, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    reports = dict(queue.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    try:
+        reports = dict(queue.get(timeout=300) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
     for rank, report in reports.items():
         assert all(report.values()), (rank, report)

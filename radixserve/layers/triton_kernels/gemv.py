@@ -243,13 +243,19 @@ def default_config(m: int, n: int, k: int) -> GemvConfig:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig | None = None, silu_and_mul_input: bool = False) -> torch.Tensor:
+         config: GemvConfig | None = None, silu_and_mul_input: bool = False,
+         out: torch.Tensor | None = None) -> torch.Tensor:
     """x: [M, K] (M <= 16, last dim contiguous); weight: [N, K] contiguous; bias: [N].
-    Returns [M, N] in x's dtype, accumulated in fp32. With silu_and_mul_input, x is
-    [M, 2K] = cat(gate, up) and the product is silu(gate) * up @ weight^T."""
+    Returns [M, N] in x's dtype, accumulated in fp32, in `out` when given (contiguous).
+    With silu_and_mul_input, x is [M, 2K] = cat(gate, up) and the product is
+    silu(gate) * up @ weight^T."""
     k = x.shape[1] // 2 if silu_and_mul_input else x.shape[1]
     _check(x, weight, k)
-    return _launch(x, weight, bias, k, config, act=silu_and_mul_input)
+    if out is not None and (out.shape != (x.shape[0], weight.shape[0])
+                            or out.dtype != x.dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous [{x.shape[0]}, {weight.shape[0]}] "
+                         f"{x.dtype}; got {tuple(out.shape)} {out.dtype}")
+    return _launch(x, weight, bias, k, config, act=silu_and_mul_input, out=out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,9 +298,10 @@ def _check(x: torch.Tensor, weight: torch.Tensor, k: int) -> None:
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int,
             config: GemvConfig | None, act: bool = False,
-            norm: _NormInput | None = None) -> torch.Tensor:
+            norm: _NormInput | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     m, n = x.shape[0], weight.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     cfg = config or default_config(m, n, k)
