@@ -136,20 +136,25 @@ def _agree_rank_main(rank: int, addr: str, results: Any) -> None:
     dist.destroy_process_group()
 
 
-def test_fast_all_reduce_paths_fall_back_together() -> None:
+def _on_two_ranks(target: Any) -> list[Any]:
+    """Run target(rank, addr, results) on two spawned ranks; what each put, by rank."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     addr = f"127.0.0.1:{free_port()}"
-    procs = [ctx.Process(target=_agree_rank_main, args=(r, addr, results)) for r in (0, 1)]
+    procs = [ctx.Process(target=target, args=(r, addr, results)) for r in (0, 1)]
     for p in procs:
         p.start()
     try:
-        got = sorted(results.get(timeout=120) for _ in procs)
+        return sorted((results.get(timeout=120) for _ in procs), key=lambda got: got[0])
     finally:
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+
+
+def test_fast_all_reduce_paths_fall_back_together() -> None:
+    got = _on_two_ranks(_agree_rank_main)
     assert got == [(0, True, False, True, ""), (1, True, False, True, "")]
 
 
@@ -206,20 +211,7 @@ def test_all_reduces_take_their_own_window_slots() -> None:
     all-reduce of a pass gets its own slot, so earlier sums stay readable; a row-parallel
     layer writes its product straight into the slot and it is summed there; what does
     not fit goes through the plain all-reduce; `begin_forward` starts over."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    addr = f"127.0.0.1:{free_port()}"
-    procs = [ctx.Process(target=_window_rank_main, args=(r, addr, results)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    try:
-        reports = dict(results.get(timeout=120) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    for rank, got in reports.items():
+    for rank, got in _on_two_ranks(_window_rank_main):
         assert all(got.values()), (rank, got)
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -97,10 +98,7 @@ class TpGroup:
         what it writes there to `all_reduce` next, on every rank alike."""
         if self.symm_kind != "nccl_window":
             return None
-        numel = 1
-        for d in shape:
-            numel *= d
-        slot = self._window_slot(numel * dtype.itemsize)
+        slot = self._window_slot(math.prod(shape) * dtype.itemsize)
         return None if slot is None else slot.view(dtype).view(shape)
 
     def _window_slot(self, nbytes: int) -> torch.Tensor | None:
