@@ -2,35 +2,96 @@
 
 It runs the same Scheduler and Detokenizer classes as the server, in this process:
 the server puts each in its own process only so that HTTP handling, tokenization and
-the GPU loop overlap. Results are identical because the scheduling code is the same.
+the GPU loop overlap. Results are identical because the scheduling code is the same,
+and so are the request checks: both paths validate with request_validation.py.
+
+Concurrency: one scheduler serves every call (generate, its streams, async_generate
+from any number of tasks or threads). Whoever needs progress runs the next scheduler
+step under `Engine._lock` and routes every output of that step to the call that owns
+its rid (a `_Mailbox`); a call whose mailbox already has news does not step. So calls
+interleave step by step and batch together, and none is starved. async_generate runs
+its steps in a worker thread (asyncio.to_thread), one at a time per event loop, so the
+loop stays free while the model runs.
+
+`encode` (embeddings) is not implemented yet: it is left for the embeddings work.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import uuid
-from collections.abc import Iterator
+import threading
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing, closing
 from typing import Any
 
+from radixserve.core.sampling_params import SamplingParams
 from radixserve.managers.data_parallel_controller import (DataParallelController,
                                                          launch_engine_replicas)
 from radixserve.managers.detokenizer_manager import Detokenizer
 from radixserve.managers.io_struct import BatchStrOut, TokenizedGenerateReqInput
+from radixserve.managers.request_validation import (InvalidRequestError, ModelLimits,
+                                                    RequestValidator)
 from radixserve.managers.scheduler import Scheduler
-from radixserve.sampling_params import SamplingParams
+from radixserve.managers.scheduler_interface import SchedulerInterface
 from radixserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[int]
+SamplingArg = dict[str, Any] | SamplingParams | None
+
+# SGLang's generate/async_generate parameters that radixserve does not support yet:
+# accepted only at their defaults, so SGLang call sites run unchanged when they do not
+# use them, and fail loudly when they do.
+_UNSUPPORTED_NONE = ("image_data", "audio_data", "video_data", "token_ids_logprob",
+                     "lora_path", "custom_logit_processor", "bootstrap_host",
+                     "bootstrap_port", "bootstrap_room", "routed_dp_rank",
+                     "disagg_prefill_dp_rank", "data_parallel_rank", "external_trace_header",
+                     "session_params", "priority")
+_UNSUPPORTED_FALSE = ("return_hidden_states", "return_routed_experts")
+
+
+def _check_unsupported(what: str, args: dict[str, Any]) -> None:
+    """`args`: the keyword arguments past the supported ones. SGLang's others must be
+    at their defaults; a name SGLang does not have is a TypeError, as in Python."""
+    unknown = sorted(set(args) - set(_UNSUPPORTED_NONE) - set(_UNSUPPORTED_FALSE))
+    if unknown:
+        raise TypeError(f"{what}() got unexpected keyword argument(s) {unknown}")
+    used = [k for k in _UNSUPPORTED_NONE if args.get(k) is not None]
+    used += [k for k in _UNSUPPORTED_FALSE if args.get(k)]
+    if used:
+        raise ValueError(f"{what}: {', '.join(used)} not supported yet by radixserve "
+                         f"(leave {'it' if len(used) == 1 else 'them'} at the default)")
+
+
+class _Mailbox:
+    """One call's outputs, filled by whichever caller runs the scheduler step."""
+
+    def __init__(self, rids: list[str]) -> None:
+        self.rids = rids
+        self.pending = set(rids)  # touched only by the owning call
+        self.items: deque[tuple[BatchStrOut, int]] = deque()  # appended under Engine._lock
+
+    def drain(self) -> Iterator[tuple[BatchStrOut, int]]:
+        """The outputs delivered so far, noting which requests they finish."""
+        while self.items:
+            out, i = self.items.popleft()
+            if out.finished_reasons[i] is not None:
+                self.pending.discard(out.rids[i])
+            yield out, i
 
 
 class Engine:
-    """`Engine(model_path=None, **server_args)`; see ServerArgs for the settings."""
+    """`Engine(model_path=None, **server_args)`; see ServerArgs for the settings.
+
+    `import radixserve as rs; rs.Engine(...)` is the same class."""
 
     def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
         self.server_args = ServerArgs(model_path=model_path, **kwargs)
-        self.scheduler: Scheduler | DataParallelController
+        self.scheduler: SchedulerInterface
         if self.server_args.tp_size == 1 and self.server_args.dp_size == 1:
             self.scheduler = Scheduler(self.server_args)
         else:
@@ -38,26 +99,67 @@ class Engine:
             self.scheduler = launch_engine_replicas(self.server_args)
         self.tokenizer = self.scheduler.tokenizer
         self.model_config = self.scheduler.model_config
+        self.limits: ModelLimits = self.scheduler.model_limits()
+        self.validator = RequestValidator(self.limits)
         self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
+        self._lock = threading.Lock()  # the scheduler, the detokenizer and _boxes
+        self._boxes: dict[str, _Mailbox] = {}
+        self._aborts: deque[str] = deque()  # rids to abort at the next step
+        self._step_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
+                                                    asyncio.Lock] = weakref.WeakKeyDictionary()
+        # async_generate steps in worker threads; CUDA's current device is per thread.
+        self._cuda_device: int | None = None
+        if self.server_args.device == "cuda" and isinstance(self.scheduler, Scheduler):
+            import torch
+
+            self._cuda_device = torch.cuda.current_device()
 
     # --- public API ---------------------------------------------------------------
 
     def generate(self, prompt: Prompt | list[Prompt] | None = None,
-                 sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
-                 input_ids: list[int] | list[list[int]] | None = None,
+                 sampling_params: SamplingArg | list[SamplingArg] = None,
+                 input_ids: list[int] | list[list[int]] | None = None, *,
                  return_logprob: bool = False, logprob_start_len: int | None = None,
-                 top_logprobs_num: int = 0,
-                 stream: bool = False) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict]:
+                 top_logprobs_num: int | None = None, stream: bool = False,
+                 rid: str | None = None, **sglang_kwargs: Any,
+                 ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict]:
         """SGLang-shaped results: {"text", "output_ids", "meta_info"} per prompt (and per
         sample when n > 1). A single prompt gives a dict, a list gives a list. With
-        stream=True, yields increments {"text": delta, "output_ids": new ids, ...}."""
-        prompts, single = self._normalize_prompts(prompt, input_ids)
-        params_list = self._normalize_params(sampling_params, len(prompts))
-        reqs = self._tokenize(prompts, params_list, return_logprob, logprob_start_len,
-                              top_logprobs_num, stream)
+        stream=True, yields increments {"text": delta, "output_ids": new ids, ...,
+        "index"}. Bad requests raise ValueError (InvalidRequestError, as the server's
+        400s). The parameters follow SGLang's Engine.generate; SGLang's others (image_data,
+        lora_path, bootstrap_*, ...) are accepted as keywords at their defaults only."""
+        _check_unsupported("generate", sglang_kwargs)
+        reqs, single = self._prepare(prompt, input_ids, sampling_params, return_logprob,
+                                     logprob_start_len, top_logprobs_num, stream, rid)
         if stream:
             return self._stream(reqs)
         results = self._run_to_completion(reqs)
+        return results[0] if single and len(results) == 1 else results
+
+    async def async_generate(
+            self, prompt: Prompt | list[Prompt] | None = None,
+            sampling_params: SamplingArg | list[SamplingArg] = None,
+            input_ids: list[int] | list[list[int]] | None = None, *,
+            return_logprob: bool = False, logprob_start_len: int | None = None,
+            top_logprobs_num: int | None = None, stream: bool = False,
+            rid: str | None = None, **sglang_kwargs: Any,
+    ) -> dict[str, Any] | list[dict[str, Any]] | AsyncIterator[dict[str, Any]]:
+        """generate, awaitable (SGLang's signature): the same results; with stream=True
+        it returns (after the await, as SGLang does) an async iterator of the same
+        increments as generate's stream. The request is validated at the await.
+        Concurrent calls from one event loop (asyncio.gather) share the scheduler and
+        are batched together; the loop is not blocked while the model runs."""
+        _check_unsupported("async_generate", sglang_kwargs)
+        reqs, single = self._prepare(prompt, input_ids, sampling_params, return_logprob,
+                                     logprob_start_len, top_logprobs_num, stream, rid)
+        if stream:
+            return self._astream(reqs)
+        acc = {r.rid: _Accumulator(r.rid) for r in reqs}
+        async with aclosing(self._aoutputs(reqs)) as outputs:
+            async for out, i in outputs:
+                acc[out.rids[i]].add(out, i)
+        results = [acc[r.rid].result() for r in reqs]
         return results[0] if single and len(results) == 1 else results
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
@@ -79,16 +181,19 @@ class Engine:
         return list(ids)
 
     def get_server_info(self) -> Any:
-        return self.scheduler.get_server_info()
+        with self._lock:
+            return self.scheduler.get_server_info()
 
     def flush_cache(self) -> bool:
-        return self.scheduler.flush_cache()
+        with self._lock:
+            return self.scheduler.flush_cache()
 
     def shutdown(self) -> None:
         """Release the model and KV memory (and stop the rank processes, if any)."""
         if isinstance(self.scheduler, DataParallelController):
             self.scheduler.shutdown()
         self.scheduler = None  # type: ignore[assignment]
+        self._boxes.clear()
         import gc
 
         import torch
@@ -105,86 +210,104 @@ class Engine:
 
     # --- request preparation ---------------------------------------------------------
 
-    @staticmethod
-    def _normalize_prompts(prompt: Any, input_ids: Any) -> tuple[list[Prompt], bool]:
-        if (prompt is None) == (input_ids is None):
-            raise ValueError("give exactly one of prompt or input_ids")
-        if prompt is not None:
-            if isinstance(prompt, str):
-                return [prompt], True
-            if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
-                return list(prompt), False
-            raise ValueError("prompt must be a string or a list of strings")
-        if isinstance(input_ids, list) and all(isinstance(t, int) for t in input_ids):
-            return [list(input_ids)], True
-        if isinstance(input_ids, list) and all(
-                isinstance(x, list) and all(isinstance(t, int) for t in x) for x in input_ids):
-            return [list(x) for x in input_ids], False
-        raise ValueError("input_ids must be a list of ints or a list of lists of ints")
+    def _prepare(self, prompt: Any, input_ids: Any, sampling_params: Any,
+                 return_logprob: bool, logprob_start_len: int | None,
+                 top_logprobs_num: int | None, stream: bool,
+                 rid: str | None) -> tuple[list[TokenizedGenerateReqInput], bool]:
+        """The server's checks and n expansion (request_validation.py), on our limits."""
+        return self.validator.prepare(
+            prompt, input_ids, self.tokenizer, sampling_params,
+            return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+            top_logprobs_num=top_logprobs_num, stream=stream, rid=rid)
 
-    def _normalize_params(self, params: Any, n: int) -> list[SamplingParams]:
-        if isinstance(params, list):
-            if len(params) != n:
-                raise ValueError(f"sampling_params has {len(params)} entries for {n} prompts")
-            dicts = params
-        else:
-            dicts = [params] * n
-        out = []
-        for d in dicts:
-            if isinstance(d, SamplingParams):
-                sp = d
-            else:
-                merged = {**self.model_config.generation_defaults, **(d or {})}
-                sp = SamplingParams.from_dict(merged)
-            sp.verify()
-            sp.normalize()
-            out.append(sp)
-        return out
+    # --- driving the shared scheduler --------------------------------------------------
 
-    def _tokenize(self, prompts: list[Prompt], params: list[SamplingParams],
-                  return_logprob: bool, logprob_start_len: int | None, top_logprobs_num: int,
-                  stream: bool) -> list[TokenizedGenerateReqInput]:
-        if top_logprobs_num < 0:
-            raise ValueError(f"top_logprobs_num must be >= 0, got {top_logprobs_num}")
-        reqs = []
-        for prompt, sp in zip(prompts, params):
-            if isinstance(prompt, str):
-                if self.tokenizer is None:
-                    raise ValueError("text prompts need a tokenizer (skip_tokenizer_init is set)")
-                ids = self.tokenizer.encode(prompt)
-                text = prompt
-            else:
-                ids, text = prompt, None
-            self.scheduler.validate_request(ids, sp.max_new_tokens)
-            start = -1 if logprob_start_len is None else logprob_start_len
-            for k in range(sp.n):
-                reqs.append(TokenizedGenerateReqInput(
-                    rid=uuid.uuid4().hex, input_text=text, input_ids=list(ids),
-                    sampling_params=sp.copy_with_seed_offset(k) if sp.n > 1 else sp,
-                    return_logprob=return_logprob,
-                    logprob_start_len=start if return_logprob else -1,
-                    top_logprobs_num=top_logprobs_num, stream=stream))
-        return reqs
+    def _submit(self, box: _Mailbox, reqs: list[TokenizedGenerateReqInput]) -> None:
+        with self._lock:
+            self._apply_aborts()
+            if any(r.rid in self._boxes for r in reqs):
+                raise InvalidRequestError("a request with this rid is already running", "rid")
+            for r in reqs:
+                self._boxes[r.rid] = box
+                if self.detokenizer is not None:
+                    self.detokenizer.register(r.rid, r.sampling_params.stop_strs)
+                self.scheduler.add_request(r)
 
-    # --- running ------------------------------------------------------------------
+    def _step_for(self, box: _Mailbox) -> None:
+        """Run one scheduler step, unless `box` has news already; route its outputs."""
+        if self._cuda_device is not None:
+            import torch
 
-    def _steps(self, reqs: list[TokenizedGenerateReqInput]) -> Iterator[BatchStrOut]:
-        for r in reqs:
-            if self.detokenizer is not None:
-                self.detokenizer.register(r.rid, r.sampling_params.stop_strs)
-            self.scheduler.add_request(r)
-        pending = {r.rid for r in reqs}
-        while pending:
+            torch.cuda.set_device(self._cuda_device)
+        with self._lock:
+            self._apply_aborts()
+            if box.items:
+                return
             out = self.scheduler.step()
             if out is None:
                 if not self.scheduler.has_work():
-                    raise RuntimeError(f"scheduler went idle with {len(pending)} requests open")
-                continue
+                    raise RuntimeError(f"scheduler went idle with {len(box.pending)} "
+                                       f"requests open")
+                return
             str_out = self._detokenize(out)
-            for rid, reason in zip(str_out.rids, str_out.finished_reasons):
-                if reason is not None:
-                    pending.discard(rid)
-            yield str_out
+            for i, rid in enumerate(str_out.rids):
+                owner = self._boxes.get(rid)
+                if owner is None:
+                    continue  # aborted and forgotten
+                owner.items.append((str_out, i))
+                if str_out.finished_reasons[i] is not None:
+                    del self._boxes[rid]
+
+    def _release(self, box: _Mailbox, wait: bool) -> None:
+        """The call is over (finished, failed or abandoned): abort what still runs."""
+        open_rids = [rid for rid in box.rids if rid in box.pending]
+        if not open_rids:
+            return
+        self._aborts.extend(open_rids)
+        if self._lock.acquire(blocking=wait):
+            try:
+                self._apply_aborts()
+            except Exception:  # a dead scheduler: never mask the error that ended the call
+                logger.warning("could not abort %d requests", len(open_rids), exc_info=True)
+            finally:
+                self._lock.release()
+        # else: the call that holds the lock, or the next one, applies them.
+
+    def _apply_aborts(self) -> None:
+        while self._aborts:
+            rid = self._aborts.popleft()
+            if self._boxes.pop(rid, None) is not None:
+                self.scheduler.abort_request(rid)
+
+    def _outputs(self, reqs: list[TokenizedGenerateReqInput]) -> Iterator[tuple[BatchStrOut, int]]:
+        box = _Mailbox([r.rid for r in reqs])
+        self._submit(box, reqs)
+        try:
+            while box.pending:
+                yield from box.drain()
+                if box.pending:
+                    self._step_for(box)
+        finally:
+            self._release(box, wait=True)
+
+    async def _aoutputs(self, reqs: list[TokenizedGenerateReqInput]
+                        ) -> AsyncIterator[tuple[BatchStrOut, int]]:
+        box = _Mailbox([r.rid for r in reqs])
+        loop = asyncio.get_running_loop()
+        step_lock = self._step_locks.setdefault(loop, asyncio.Lock())
+        await asyncio.to_thread(self._submit, box, reqs)
+        try:
+            while box.pending:
+                for item in box.drain():
+                    yield item
+                if box.pending:
+                    # One stepping thread per loop; a call that waited here may find
+                    # its outputs delivered by the step another call ran.
+                    async with step_lock:
+                        if not box.items:
+                            await asyncio.to_thread(self._step_for, box)
+        finally:
+            self._release(box, wait=False)
 
     def _detokenize(self, out: Any) -> BatchStrOut:
         if self.detokenizer is not None:
@@ -197,23 +320,31 @@ class Engine:
 
     def _run_to_completion(self, reqs: list[TokenizedGenerateReqInput]) -> list[dict[str, Any]]:
         acc = {r.rid: _Accumulator(r.rid) for r in reqs}
-        for out in self._steps(reqs):
-            for i, rid in enumerate(out.rids):
-                if rid in acc:
-                    acc[rid].add(out, i)
+        with closing(self._outputs(reqs)) as outputs:
+            for out, i in outputs:
+                acc[out.rids[i]].add(out, i)
         return [acc[r.rid].result() for r in reqs]
 
     def _stream(self, reqs: list[TokenizedGenerateReqInput]) -> Iterator[dict[str, Any]]:
         index = {r.rid: k for k, r in enumerate(reqs)}
-        for out in self._steps(reqs):
-            for i, rid in enumerate(out.rids):
-                if rid not in index:
-                    continue
-                acc = _Accumulator(rid)
-                acc.add(out, i)
-                item = acc.result()
-                item["index"] = index[rid]
-                yield item
+        with closing(self._outputs(reqs)) as outputs:
+            for out, i in outputs:
+                yield _increment(out, i, index)
+
+    async def _astream(self, reqs: list[TokenizedGenerateReqInput]
+                       ) -> AsyncIterator[dict[str, Any]]:
+        index = {r.rid: k for k, r in enumerate(reqs)}
+        async with aclosing(self._aoutputs(reqs)) as outputs:
+            async for out, i in outputs:
+                yield _increment(out, i, index)
+
+
+def _increment(out: BatchStrOut, i: int, index: dict[str, int]) -> dict[str, Any]:
+    acc = _Accumulator(out.rids[i])
+    acc.add(out, i)
+    item = acc.result()
+    item["index"] = index[out.rids[i]]
+    return item
 
 
 class _Accumulator:
@@ -232,7 +363,8 @@ class _Accumulator:
         self.output_ids.extend(out.output_ids[i])
         reason = out.finished_reasons[i]
         if reason is not None and reason.get("type") == "abort" and reason.get("status_code") == 400:
-            raise ValueError(reason.get("message", "invalid request"))
+            raise InvalidRequestError(reason.get("message", "invalid request"),
+                                      reason.get("param"))
         self.meta.update(prompt_tokens=out.prompt_tokens[i],
                          completion_tokens=out.completion_tokens[i],
                          cached_tokens=out.cached_tokens[i], finish_reason=reason)

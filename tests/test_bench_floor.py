@@ -161,10 +161,10 @@ def test_one_batch_prefills_in_batches_of_max_prefill_tokens(tiny_moe: str,
 
     sa = ServerArgs(model_path=tiny_moe, dtype="float32", max_prefill_tokens=16,
                     max_total_tokens=256, max_running_requests=5, skip_tokenizer_init=True)
-    runner = ModelRunner(sa, ModelConfig.from_server_args(sa))
+    runner = ModelRunner(sa.runner_config(), ModelConfig.from_load_config(sa.load_config()))
     sizes = []
     forward = runner.forward_batch_generation
     monkeypatch.setattr(runner, "forward_batch_generation",
                         lambda batch: sizes.append(len(batch.reqs)) or forward(batch))
-    r = one_batch.run_one(runner, 5, 7, 3)
+    r = one_batch.run_one(runner, 5, 7, 3, max_prefill_tokens=sa.max_prefill_tokens)
     assert sizes == [2, 2, 1, 5, 5] and len(r["decode_steps_s"]) == 2

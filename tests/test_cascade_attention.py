@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from radixserve.core.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
 from radixserve.engine import Engine  # noqa: E402
 from radixserve.layers.attention.cascade import (  # noqa: E402
     KV_START, PERM, TILE_COUNT, TILE_START, CascadePlanner, plan_cascade)
@@ -28,7 +29,6 @@ from radixserve.layers.radix_attention import RadixAttention  # noqa: E402
 from radixserve.mem_cache.allocator import TokenToKVPoolAllocator  # noqa: E402
 from radixserve.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: E402
 from radixserve.mem_cache.radix_cache import RadixCache, shared_prefix_groups  # noqa: E402
-from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

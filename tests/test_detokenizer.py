@@ -14,7 +14,7 @@ from radixserve.server_args import ServerArgs
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
-    return get_tokenizer(ServerArgs())
+    return get_tokenizer(ServerArgs().load_config())
 
 
 def _out(rids: list[str], ids: list[list[int]], finished: list[dict | None],

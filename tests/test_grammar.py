@@ -16,10 +16,10 @@ import jsonschema
 import pytest
 import torch
 
+from radixserve.core.sampling_params import SamplingParams
 from radixserve.engine import Engine
 from radixserve.managers.io_struct import TokenizedGenerateReqInput
 from radixserve.parsers import get_tool_call_parser
-from radixserve.sampling_params import SamplingParams
 from tests.model_factory import make_tiny_checkpoint
 
 

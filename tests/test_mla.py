@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from radixserve.core.forward_batch import ForwardBatch, ForwardMode
 from radixserve.engine import Engine
 from radixserve.layers.attention.torch_native_mla import (TorchNativeMLABackend,
                                                           mla_decode_reference)
@@ -16,7 +17,6 @@ from radixserve.layers.attention.triton_ops.mla_decode import mla_decode_fwd
 from radixserve.layers.radix_attention import RadixAttention
 from radixserve.mem_cache.memory_pool import (MHATokenToKVPool, MLATokenToKVPool,
                                               ReqToTokenPool)
-from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 from tests.moe_factory import make_tiny_moe_checkpoint, one_thread  # noqa: F401
 from tests.test_engine import hf_greedy
 

@@ -14,9 +14,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from radixserve.configs.gguf_config import open_gguf
+from radixserve.configs.load_config import LoadConfig
 from radixserve.configs.model_config import ModelConfig, head_dim_of
 from radixserve.model_loader import get_tokenizer, load_model
-from radixserve.model_loader.gguf_loader import open_gguf
 from radixserve.server_args import ServerArgs
 from tests.test_models import (assert_matches_hf, load_ours, make_checkpoint, max_rel_err,
                                prefill_logits)
@@ -27,6 +28,10 @@ PROMPT = "The quick brown fox jumps over the lazy dog because"
 
 def _args(path: str, **kw) -> ServerArgs:
     return ServerArgs(model_path=path, device="cpu", dtype="float32", **kw)
+
+
+def _load(path: str, **kw) -> LoadConfig:
+    return _args(path, **kw).load_config()
 
 
 def _rewrite(path: str, edit) -> None:
@@ -102,8 +107,9 @@ def test_dummy_weights_from_config_alone(tmp_path) -> None:
     os.makedirs(tmp_path / "cfg")
     shutil.copy(tmp_path / "ckpt" / "config.json", tmp_path / "cfg" / "config.json")
     args = _args(str(tmp_path / "cfg"), load_format="dummy")
-    config = ModelConfig.from_server_args(args)
-    first, second = load_model(args, config), load_model(args, config)
+    load = args.load_config()
+    config = ModelConfig.from_load_config(load)
+    first, second = load_model(load, config), load_model(load, config)
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), f"{name} differs between two seeded dummy loads"
     logits = prefill_logits(first, [[1, 2, 3]], 2, 2, 16)[0]
@@ -114,12 +120,12 @@ def test_model_config_reads_generation_config(tmp_path) -> None:
     make_checkpoint(str(tmp_path), "llama", eos_token_id=2)
     (tmp_path / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": [2, 7], "temperature": 0.6, "top_p": 0.9, "do_sample": True}))
-    config = ModelConfig.from_server_args(_args(str(tmp_path)))
+    config = ModelConfig.from_load_config(_load(str(tmp_path)))
     assert config.eos_token_ids == {2, 7}
     assert config.generation_defaults == {"temperature": 0.6, "top_p": 0.9}
     assert config.context_len == 256 and config.head_dim == 16
     assert config.architecture == "LlamaForCausalLM" and not config.tie_word_embeddings
-    assert ModelConfig.from_server_args(_args(str(tmp_path), context_length=100)).context_len == 100
+    assert ModelConfig.from_load_config(_load(str(tmp_path), context_length=100)).context_len == 100
 
 
 # --- GGUF -------------------------------------------------------------------------
@@ -128,8 +134,8 @@ def test_model_config_reads_generation_config(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def smollm2_pair():
     args = ServerArgs(device="cpu", dtype="float32")  # no path: the default model
-    config = ModelConfig.from_server_args(args)
-    ours = load_model(args, config)
+    config = ModelConfig.from_load_config(args.load_config())
+    ours = load_model(args.load_config(), config)
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(SMOLLM2),
                                               gguf_file=os.path.basename(SMOLLM2),
                                               dtype=torch.float32).eval()
@@ -138,7 +144,7 @@ def smollm2_pair():
 
 @pytest.fixture(scope="module")
 def gguf_tokenizer():
-    return get_tokenizer(ServerArgs(device="cpu"))
+    return get_tokenizer(ServerArgs(device="cpu").load_config())
 
 
 @pytest.fixture(scope="module")
@@ -290,10 +296,10 @@ def test_gguf_tokenizer_and_chat_template(gguf_tokenizer) -> None:
 
 def test_chat_template_override(tmp_path, tokenizer_dir) -> None:
     msgs = [{"role": "user", "content": "Hi"}]
-    tok = get_tokenizer(_args(tokenizer_dir, chat_template="{{ messages[0]['content'] }}!"))
+    tok = get_tokenizer(_load(tokenizer_dir, chat_template="{{ messages[0]['content'] }}!"))
     assert tok.apply_chat_template(msgs, tokenize=False) == "Hi!"
     (tmp_path / "t.jinja").write_text("<{{ messages[0]['role'] }}>")
-    tok = get_tokenizer(_args(tokenizer_dir, chat_template=str(tmp_path / "t.jinja")))
+    tok = get_tokenizer(_load(tokenizer_dir, chat_template=str(tmp_path / "t.jinja")))
     assert tok.apply_chat_template(msgs, tokenize=False) == "<user>"
     with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
-        get_tokenizer(_args(tokenizer_dir, chat_template=str(tmp_path / "missing.jinja")))
+        get_tokenizer(_load(tokenizer_dir, chat_template=str(tmp_path / "missing.jinja")))

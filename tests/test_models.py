@@ -8,13 +8,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from radixserve.configs.model_config import ModelConfig
+from radixserve.core.forward_batch import ForwardBatch, ForwardMode
 from radixserve.layers.attention.torch_native import TorchNativeAttnBackend
 from radixserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                       RowParallelLinear)
 from radixserve.layers.rotary_embedding import rope_params
 from radixserve.layers.vocab_embedding import VocabParallelEmbedding
 from radixserve.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
-from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 from radixserve.model_loader import load_model
 from radixserve.models.registry import get_model_class, supported_architectures
 from radixserve.server_args import ServerArgs
@@ -89,8 +89,8 @@ def max_rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 def load_ours(path: str) -> tuple[torch.nn.Module, ModelConfig]:
     args = ServerArgs(model_path=path, device="cpu", dtype="float32")
-    config = ModelConfig.from_server_args(args)
-    return load_model(args, config), config
+    config = ModelConfig.from_load_config(args.load_config())
+    return load_model(args.load_config(), config), config
 
 
 def assert_matches_hf(path: str, hf: torch.nn.Module, seed: int = 1) -> None:

@@ -11,9 +11,9 @@ import random
 
 import pytest
 
+from radixserve.core.sampling_params import SamplingParams
 from radixserve.engine import Engine
 from radixserve.managers.io_struct import TokenizedGenerateReqInput
-from radixserve.sampling_params import SamplingParams
 from tests.model_factory import make_tiny_checkpoint
 
 

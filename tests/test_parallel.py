@@ -63,18 +63,18 @@ def _assert_same(ref: list[dict[str, Any]], ids: list[list[int]],
 
 def _tp_rank_main(rank: int, addr: str, paths: dict[str, str], results: Any) -> None:
     """Both ranks load each model; rank 0 drives requests through TpScheduler."""
+    from radixserve.core.sampling_params import SamplingParams
     from radixserve.distributed.parallel_state import init_tp_group
     from radixserve.managers.io_struct import TokenizedGenerateReqInput
     from radixserve.managers.scheduler import Scheduler
     from radixserve.managers.tp_sync import TpScheduler, run_follower_loop
-    from radixserve.sampling_params import SamplingParams
     from radixserve.server_args import ServerArgs
 
     group = None
     for name, path in paths.items():
         sa = ServerArgs(model_path=path, tp_size=2, skip_tokenizer_init=True,
                         dist_timeout=60, log_level="warning")
-        group = group or init_tp_group(sa, rank, addr)
+        group = group or init_tp_group(sa.parallel_config(), rank, addr)
         scheduler = Scheduler(sa)
         if rank:
             run_follower_loop(scheduler, group)

@@ -8,12 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from radixserve.managers.schedule_batch import Req
+from radixserve.core.req import Req
+from radixserve.core.sampling_params import SamplingParams
 from radixserve.mem_cache.allocator import TokenToKVPoolAllocator
 from radixserve.mem_cache.chunk_cache import ChunkCache
 from radixserve.mem_cache.memory_pool import ReqToTokenPool
 from radixserve.mem_cache.radix_cache import RadixCache, TreeNode
-from radixserve.sampling_params import SamplingParams
 
 # Pages that share leading tokens, so a page-granular match must stop on the boundary.
 PAGES = [(0, 0, 0, 0), (0, 0, 0, 1), (1, 2, 3, 0)]

@@ -16,11 +16,11 @@ import pytest  # noqa: E402
 import xgrammar as xgr  # noqa: E402
 
 from radixserve.constrained.xgrammar_backend import HostBitmasks, VocabMask  # noqa: E402
+from radixserve.core.req import Req  # noqa: E402
+from radixserve.core.sampling_params import SamplingParams  # noqa: E402
 from radixserve.layers.sampler import Sampler, get_token_logprobs  # noqa: E402
-from radixserve.managers.schedule_batch import Req  # noqa: E402
 from radixserve.sampling.sampling_batch_info import (  # noqa: E402
     GreedyInfoCache, SamplingBatchInfo)
-from radixserve.sampling_params import SamplingParams  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

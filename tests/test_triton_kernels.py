@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from radixserve.core.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
 from radixserve.layers.attention.torch_native import TorchNativeAttnBackend  # noqa: E402
 from radixserve.layers.attention.triton import TritonAttnBackend  # noqa: E402
 from radixserve.layers.attention.triton_ops.decode_attention import (  # noqa: E402
@@ -33,7 +34,6 @@ from radixserve.layers.triton_kernels.rmsnorm import (  # noqa: E402
     fused_add_rmsnorm_reference, rmsnorm_reference)
 from radixserve.layers.triton_kernels.rotary import apply_rotary_reference  # noqa: E402
 from radixserve.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: E402
-from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

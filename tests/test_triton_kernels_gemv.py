@@ -192,15 +192,15 @@ def test_model_logits_equal_with_rmsnorm_in_gemv(tmp_path, monkeypatch, model_ty
     from radixserve.layers import linear_dispatch
     from radixserve.layers.layernorm import RMSNorm
     from radixserve.layers.triton_kernels import gemv as gemv_module
-    from radixserve.models.llama import LlamaMLP
     from radixserve.model_loader import load_model
+    from radixserve.models.llama import LlamaMLP
     from radixserve.server_args import ServerArgs
     from tests.test_models import make_checkpoint, prefill_logits
 
     make_checkpoint(str(tmp_path), model_type, **overrides)
     args = ServerArgs(model_path=str(tmp_path), device="cpu", dtype=str(dtype)[6:])
-    config = ModelConfig.from_server_args(args)
-    model = load_model(args, config)
+    config = ModelConfig.from_load_config(args.load_config())
+    model = load_model(args.load_config(), config)
     monkeypatch.setattr(linear_dispatch, "_GEMV_DEVICES", ("cuda", "cpu"))
     # The multi-row prompts exercise the GEMV's tensor-core kernel, which the dispatch
     # no longer picks by default (GEMV_MAX_ROWS) but which rmsnorm_gemv still offers.

@@ -1,4 +1,4 @@
-"""The rotary kernels' KV write (attention/kv_write.py): the pool rows they write equal
+"""The rotary kernels' KV write (layers/kv_write.py): the pool rows they write equal
 what `store_kv` writes after the unfused kernel, bit for bit, and nothing else changes.
 
 Without CUDA they run in Triton's CPU interpreter (TRITON_INTERPRET=1 is set before the
@@ -16,8 +16,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from radixserve.layers.attention.kv_write import KVWrite  # noqa: E402
 from radixserve.layers.attention.triton_ops.kv_store import store_kv  # noqa: E402
+from radixserve.layers.kv_write import KVWrite  # noqa: E402
 from radixserve.layers.rotary_embedding import RotaryEmbedding  # noqa: E402
 from radixserve.layers.triton_kernels.qk_norm_rotary import qk_norm_rotary_  # noqa: E402
 from radixserve.layers.triton_kernels.rotary import apply_rotary_  # noqa: E402

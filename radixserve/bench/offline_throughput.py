@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.skip_tokenizer_init = True
     sa = ServerArgs.from_cli_args(args)
-    kwargs = {k: v for k, v in vars(sa).items() if k != "extra"}
-    vocab = ModelConfig.from_server_args(sa).vocab_size
+    kwargs = vars(sa)
+    vocab = ModelConfig.from_load_config(sa.load_config()).vocab_size
     must_compute = None
     if args.dataset == "random":
         prompts, outs = random_workload(args.num_prompts, *args.input_range,

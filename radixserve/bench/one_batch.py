@@ -27,11 +27,12 @@ import torch
 from radixserve.bench.floor import decode_weight_bytes, measure_ceilings, model_flops_per_token
 from radixserve.bench.hf_baseline import build_hf_model, free_device_memory
 from radixserve.configs.model_config import ModelConfig
+from radixserve.core.forward_batch import ForwardMode
+from radixserve.core.req import Req
+from radixserve.core.sampling_params import SamplingParams
+from radixserve.core.schedule_batch import ScheduleBatch
 from radixserve.distributed.parallel_state import get_tp_group
-from radixserve.managers.schedule_batch import Req, ScheduleBatch
-from radixserve.model_executor.forward_batch import ForwardMode
 from radixserve.model_executor.model_runner import ModelRunner
-from radixserve.sampling_params import SamplingParams
 from radixserve.server_args import ServerArgs
 
 
@@ -64,7 +65,7 @@ def _alloc(runner: ModelRunner, req: Req, n: int) -> torch.Tensor:
 
 
 def run_one(runner: ModelRunner, bs: int, input_len: int, output_len: int,
-            seed: int = 0) -> dict[str, Any]:
+            seed: int = 0, max_prefill_tokens: int = 16384) -> dict[str, Any]:
     """Prefill + output_len - 1 decode steps; returns latencies in seconds."""
     dev = runner.device
     runner.req_to_token_pool.clear()
@@ -72,7 +73,7 @@ def run_one(runner: ModelRunner, bs: int, input_len: int, output_len: int,
     reqs = _make_reqs(bs, input_len, runner.model_config.vocab_size, seed)
     for r in reqs:
         r.req_pool_idx = runner.req_to_token_pool.alloc()
-    prefill = _prefill(runner, reqs, input_len)
+    prefill = _prefill(runner, reqs, input_len, max_prefill_tokens)
     steps = []
     for _ in range(output_len - 1):
         for r in reqs:
@@ -90,12 +91,13 @@ def run_one(runner: ModelRunner, bs: int, input_len: int, output_len: int,
     return {"prefill_s": prefill, "decode_steps_s": steps}
 
 
-def _prefill(runner: ModelRunner, reqs: list[Req], input_len: int) -> float:
+def _prefill(runner: ModelRunner, reqs: list[Req], input_len: int,
+             max_prefill_tokens: int) -> float:
     """Prefill whole requests, at most --max-prefill-tokens per forward as the scheduler
     admits them (one forward of 256 x 512 tokens would need GBs of activations next to a
     30B MoE); returns the summed forward times."""
     dev = runner.device
-    per_forward = max(1, runner.server_args.max_prefill_tokens // input_len)
+    per_forward = max(1, max_prefill_tokens // input_len)
     total = 0.0
     for start in range(0, len(reqs), per_forward):
         group = reqs[start:start + per_forward]
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     if sa.max_running_requests is None:
         sa.max_running_requests = max(args.batch_size)
     if sa.tp_size > 1:
-        from radixserve.distributed.launcher import run_on_tp_ranks
+        from radixserve.managers.launcher import run_on_tp_ranks
 
         run_on_tp_ranks(_bench, sa, args)  # every rank runs the same batches
     else:
@@ -204,7 +206,7 @@ def _bench(sa: ServerArgs, args: argparse.Namespace) -> None:
     lead = get_tp_group().rank == 0
     # Measured before the runner exists: the 2 GiB copy needs memory the KV pool takes.
     ceilings = measure_ceilings(torch.device(sa.device)) if args.floor and lead else None
-    mc = ModelConfig.from_server_args(sa)
+    mc = ModelConfig.from_load_config(sa.load_config())
     rows, header = _measure_ours(sa, mc, args, ceilings, lead)
     if not lead:
         return
@@ -224,14 +226,16 @@ def _measure_ours(sa: ServerArgs, mc: ModelConfig, args: argparse.Namespace,
                   ) -> tuple[list[dict[str, Any]], str]:
     """Our rows and the table's header line. The runner lives only in here, so that
     when this returns its weights, KV pool and CUDA graphs can be freed."""
-    runner = ModelRunner(sa, mc)
+    runner = ModelRunner(sa.runner_config(), mc)
     kv_per_token = runner._kv_bytes_per_token()
     hf_len = min(args.hf_output_len or args.output_len, args.output_len)
     rows = []
     for input_len in args.input_len:
         for bs in args.batch_size:
-            run_one(runner, bs, input_len, min(args.output_len, 8))  # warm up
-            r = run_one(runner, bs, input_len, args.output_len)
+            run_one(runner, bs, input_len, min(args.output_len, 8),  # warm up
+                    max_prefill_tokens=sa.max_prefill_tokens)
+            r = run_one(runner, bs, input_len, args.output_len,
+                        max_prefill_tokens=sa.max_prefill_tokens)
             steps = r["decode_steps_s"]
             med = statistics.median(steps) if steps else float("nan")
             row: dict[str, Any] = dict(

@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
+from radixserve.core.sampling_params import SamplingParams
 from radixserve.engine import Engine
 from radixserve.managers.io_struct import TokenizedGenerateReqInput
-from radixserve.sampling_params import SamplingParams
 from radixserve.server_args import ServerArgs
 
 
@@ -58,9 +58,9 @@ def _step_events(runner: Any) -> Iterator[list[tuple[str, torch.cuda.Event]]]:
         event.record()
         marks.append((kind, event))
 
-    def forward(batch: Any) -> Any:
+    def forward(batch: Any, *args: Any) -> Any:
         mark("start")
-        return launch_forward(batch)
+        return launch_forward(batch, *args)
 
     def sampling(pending: Any) -> None:
         launch_sampling(pending)
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     ServerArgs.add_cli_args(parser)
     args = parser.parse_args(argv)
     args.skip_tokenizer_init = True
-    base = {k: v for k, v in vars(ServerArgs.from_cli_args(args)).items() if k != "extra"}
+    base = vars(ServerArgs.from_cli_args(args))
     rows = []
     for overlap in (True, False):
         engine = Engine(**{**base, "disable_overlap_schedule": not overlap})

@@ -30,9 +30,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from radixserve.bench.one_batch import _alloc, _make_reqs
 from radixserve.configs.model_config import ModelConfig
+from radixserve.core.forward_batch import ForwardMode
+from radixserve.core.req import Req
+from radixserve.core.schedule_batch import ScheduleBatch
 from radixserve.distributed.parallel_state import get_tp_group
-from radixserve.managers.schedule_batch import Req, ScheduleBatch
-from radixserve.model_executor.forward_batch import ForwardMode
 from radixserve.model_executor.model_runner import ModelRunner
 from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
 from radixserve.server_args import ServerArgs
@@ -144,7 +145,7 @@ def profile_decode(runner: ModelRunner, bs: int, input_len: int, steps: int = 5,
     result["logits_ms"] = cuda_ms(lambda: model.compute_logits(hidden), 20)
     result["sample_ms"] = cuda_ms(lambda: runner.sampler(logits, info), 20)
     if runner.cuda_graph_runner is not None:
-        replay = lambda: runner.cuda_graph_runner.replay(fb)  # noqa: E731
+        replay = lambda: runner.replay_decode_graph(batch)  # noqa: E731
         result["graph_kernels_ms"] = print_kernels(
             "model forward + logits, CUDA graph replay", kernel_times_us(replay, steps), top) / 1e3
         result["replay_ms"] = cuda_ms(replay, 50)
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     if sa.cuda_graph_max_bs is None:
         sa.cuda_graph_max_bs = args.batch_size
     if sa.tp_size > 1:
-        from radixserve.distributed.launcher import run_on_tp_ranks
+        from radixserve.managers.launcher import run_on_tp_ranks
 
         run_on_tp_ranks(_profile, sa, args)
     else:
@@ -189,7 +190,7 @@ def _profile(sa: ServerArgs, args: argparse.Namespace) -> None:
     """The profile on this rank; only TP rank 0's output is shown."""
     quiet = get_tp_group().rank != 0
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-        runner = ModelRunner(sa, ModelConfig.from_server_args(sa))
+        runner = ModelRunner(sa.runner_config(), ModelConfig.from_load_config(sa.load_config()))
         print(f"model={sa.model_path} device={torch.cuda.get_device_name(runner.device)} "
               f"batch={args.batch_size} input_len={args.input_len} tp={sa.tp_size}")
         profile_decode(runner, args.batch_size, args.input_len, args.steps)

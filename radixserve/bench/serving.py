@@ -258,7 +258,7 @@ def load_tokenizer(path: str) -> Any:
     from radixserve.model_loader.tokenizer import get_tokenizer
     from radixserve.server_args import ServerArgs
 
-    return get_tokenizer(ServerArgs(model_path=path, device="cpu"))
+    return get_tokenizer(ServerArgs(model_path=path, device="cpu").load_config())
 
 
 def build_dataset(args: argparse.Namespace, tokenizer: Any) -> list[BenchRequest]:

@@ -11,13 +11,12 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-if TYPE_CHECKING:
-    from radixserve.server_args import ServerArgs
+from radixserve.configs.load_config import LoadConfig
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +41,15 @@ class ModelConfig:
     generation_defaults: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_server_args(cls, server_args: "ServerArgs") -> "ModelConfig":
-        path = str(server_args.model_path)
-        hf_config = load_hf_config(path, server_args.is_gguf, server_args.trust_remote_code)
+    def from_load_config(cls, load: LoadConfig) -> "ModelConfig":
+        path = str(load.model_path)
+        hf_config = load_hf_config(path, load.is_gguf, load.trust_remote_code)
         gen = _read_generation_config(path)
         return cls(
             model_path=path,
             hf_config=hf_config,
-            dtype=server_args.torch_dtype,
-            context_len=_context_len(hf_config, server_args.context_length),
+            dtype=load.torch_dtype,
+            context_len=_context_len(hf_config, load.context_length),
             eos_token_ids=_as_id_set(getattr(hf_config, "eos_token_id", None))
             | _as_id_set(gen.get("eos_token_id")),
             generation_defaults={ours: gen[theirs] for theirs, ours in _GENERATION_KEYS.items()
@@ -114,7 +113,7 @@ def head_dim_of(config: PretrainedConfig) -> int:
 def load_hf_config(model_path: str, is_gguf: bool, trust_remote_code: bool = False
                    ) -> PretrainedConfig:
     if is_gguf or model_path.endswith(".gguf"):
-        from radixserve.model_loader.gguf_loader import load_gguf_config, resolve_gguf_file
+        from radixserve.configs.gguf_config import load_gguf_config, resolve_gguf_file
 
         return load_gguf_config(resolve_gguf_file(model_path))
     if not os.path.isfile(os.path.join(model_path, "config.json")):

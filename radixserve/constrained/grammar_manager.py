@@ -22,8 +22,7 @@ from typing import Any
 
 from radixserve.constrained.xgrammar_backend import (GrammarError, GrammarKey, XGrammarBackend,
                                                      accept_tokens, grammar_key)
-from radixserve.managers.schedule_batch import Req
-from radixserve.server_args import ServerArgs
+from radixserve.core.req import Req
 
 BACKENDS = ("xgrammar", "none")
 # Distinct grammars kept compiled; a server sees few distinct schemas, but a client that
@@ -55,12 +54,12 @@ class ReqGrammar:
 
 
 class GrammarManager:
-    def __init__(self, server_args: ServerArgs, tokenizer: Any, vocab_size: int,
+    def __init__(self, grammar_backend: str, tokenizer: Any, vocab_size: int,
                  eos_token_ids: set[int]) -> None:
-        if server_args.grammar_backend not in BACKENDS:
+        if grammar_backend not in BACKENDS:
             raise ValueError(f"grammar_backend must be one of {BACKENDS}, got "
-                             f"{server_args.grammar_backend!r}")
-        self.enabled = server_args.grammar_backend != "none"
+                             f"{grammar_backend!r}")
+        self.enabled = grammar_backend != "none"
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(eos_token_ids)

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from radixserve.core.sampling_params import SamplingParams
 from radixserve.device_utils import to_device_beside
-from radixserve.sampling_params import SamplingParams
 
 # `json_schema` set to this value means "any JSON object or array" (xgrammar's built-in
 # JSON grammar): what OpenAI's response_format {"type": "json_object"} asks for.

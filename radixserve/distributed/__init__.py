@@ -1,6 +1,6 @@
 """Tensor and data parallelism on torch.distributed (NCCL on GPU, gloo on CPU).
 
-How the processes fit together (see launcher.py and managers/tp_sync.py):
+How the processes fit together (see managers/launcher.py and managers/tp_sync.py):
 
 * `--tp-size N`: one scheduler per rank, each a process holding 1/N of every layer.
   Rank 0 alone receives requests; before each step it broadcasts what arrived since

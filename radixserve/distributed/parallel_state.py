@@ -47,7 +47,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from radixserve.server_args import ServerArgs
+from radixserve.configs.parallel_config import ParallelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -281,33 +281,33 @@ def kv_heads_per_rank(total_kv_heads: int, tp_size: int) -> int:
     return max(1, total_kv_heads // tp_size)
 
 
-def gpu_id_for(server_args: ServerArgs, tp_rank: int, dp_rank: int) -> int:
+def gpu_id_for(parallel: ParallelConfig, tp_rank: int, dp_rank: int) -> int:
     """This rank's local CUDA device: replicas take consecutive blocks of GPUs."""
-    per_node = server_args.tp_size // server_args.nnodes
-    return server_args.base_gpu_id + dp_rank * per_node + tp_rank % per_node
+    per_node = parallel.tp_size // parallel.nnodes
+    return parallel.base_gpu_id + dp_rank * per_node + tp_rank % per_node
 
 
-def bind_device(server_args: ServerArgs, tp_rank: int, dp_rank: int) -> None:
+def bind_device(parallel: ParallelConfig, tp_rank: int, dp_rank: int) -> None:
     """Make this rank's GPU the current device (every later `cuda` tensor lands there)."""
-    if server_args.device == "cuda":
-        torch.cuda.set_device(gpu_id_for(server_args, tp_rank, dp_rank))
+    if parallel.device == "cuda":
+        torch.cuda.set_device(gpu_id_for(parallel, tp_rank, dp_rank))
 
 
-def init_tp_group(server_args: ServerArgs, tp_rank: int, dist_addr: str,
+def init_tp_group(parallel: ParallelConfig, tp_rank: int, dist_addr: str,
                   dp_rank: int = 0) -> TpGroup:
     """Join the TP world of one replica (blocks until all tp_size ranks arrive)."""
     global _TP
-    size = server_args.tp_size
-    cuda = server_args.device == "cuda"
-    bind_device(server_args, tp_rank, dp_rank)
-    timeout = (datetime.timedelta(seconds=server_args.dist_timeout)
-               if server_args.dist_timeout else None)
+    size = parallel.tp_size
+    cuda = parallel.device == "cuda"
+    bind_device(parallel, tp_rank, dp_rank)
+    timeout = (datetime.timedelta(seconds=parallel.dist_timeout)
+               if parallel.dist_timeout else None)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{dist_addr}",
                             world_size=size, rank=tp_rank, timeout=timeout)
     cpu_group = dist.new_group(backend="gloo", timeout=_CPU_GROUP_TIMEOUT)
     _TP = TpGroup(tp_rank, size, dist.group.WORLD, cpu_group)
     # Create the NCCL communicator now, outside any CUDA graph capture.
-    _TP.all_reduce(torch.zeros(1, device=torch.device(server_args.device)))
+    _TP.all_reduce(torch.zeros(1, device=torch.device(parallel.device)))
     logger.info("TP rank %d/%d of DP replica %d joined %s (%s)", tp_rank, size, dp_rank,
                 dist_addr, "nccl" if cuda else "gloo")
     return _TP

@@ -35,11 +35,11 @@ from radixserve.entrypoints.openai.protocol import (
 )
 from radixserve.entrypoints.openai.serving_chat import create_chat_completion
 from radixserve.entrypoints.openai.serving_completions import create_completion
-from radixserve.distributed.launcher import (RankProcess, replica_port_args, serve_followers,
-                                             spawn_replica, stop_processes, wait_all_ready)
 from radixserve.managers.data_parallel_controller import run_dp_controller_process
 from radixserve.managers.detokenizer_manager import run_detokenizer_process
 from radixserve.managers.ipc import PortArgs
+from radixserve.managers.launcher import (RankProcess, replica_port_args, serve_followers,
+                                          spawn_replica, stop_processes, wait_all_ready)
 from radixserve.managers.tokenizer_manager import (
     GenerateReqInput,
     InvalidRequestError,
@@ -254,7 +254,7 @@ def launch_server(server_args: ServerArgs) -> int:
         if not server_args.skip_tokenizer_init:
             from radixserve.model_loader.tokenizer import get_tokenizer
 
-            tokenizer = get_tokenizer(server_args)
+            tokenizer = get_tokenizer(server_args.load_config())
         tm = TokenizerManager(server_args, workers.port_args, workers.model_info, tokenizer)
         exit_code = 0
         server: uvicorn.Server | None = None

@@ -17,33 +17,32 @@ mostly launch latency.
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
+from radixserve.envs import envs
 from radixserve.layers.activation import silu_and_mul
 from radixserve.layers.layernorm import RMSNorm
 from radixserve.layers.lazy_kernels import triton_kernel
 
 # Up to this many rows the GEMV beats cuBLAS at every Qwen3 shape on an H100. Its
 # one-row (FMA) kernel does; its tensor-core kernel for 2-16 rows did in isolation
-# (tests/gpu/bench_gemv.py) but not in the decode step: on an H100, decode at batch 2 / 4 /
-# 8 took 8.44 / 8.59 / 8.95 ms per step for Qwen3-8B with it and 6.69 / 6.76 / 6.95 ms with
-# cuBLAS, and Qwen3-0.6B at batch 4 / 8 1.76 / 2.08 ms against 1.57 / 1.68 (batch 2 the
-# same), one run, input 512. So only single rows take the GEMV.
+# (tests/gpu/bench_gemv.py) but not in the decode step, where Qwen3-8B and Qwen3-0.6B at
+# batch 2-8 were slower with it than with cuBLAS (docs/benchmarks.md, "Third pass"). So
+# only single rows take the GEMV.
 GEMV_MAX_ROWS = 1
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 # Tests add "cpu" to run the GEMV paths in Triton's interpreter.
 _GEMV_DEVICES = ("cuda",)
 # RADIXSERVE_DISABLE_NORM_GEMV=1 runs the RMSNorm as its own kernel (for A/B timing).
-FUSE_RMSNORM = os.environ.get("RADIXSERVE_DISABLE_NORM_GEMV", "0") != "1"
+FUSE_RMSNORM = not envs.RADIXSERVE_DISABLE_NORM_GEMV.get()
 # The fused norm pays where a kernel launch is a large share of the projection: every
 # GEMV program re-reads the whole rows (x and residual) for their rms, a cost that grows
-# with the hidden size times the programs. Measured on an H100 (decode-bs1):
-# Qwen3-0.6B (hidden 1,024) 857-909 tok/s fused vs 831 unfused; Qwen3-8B (hidden 4,096)
-# 163.1 fused vs 173.0 unfused. So only hidden sizes up to 2,048 fuse.
+# with the hidden size times the programs. On an H100 at decode-bs1 it made Qwen3-0.6B
+# (hidden 1,024) faster and Qwen3-8B (hidden 4,096) slower (docs/benchmarks.md). So only
+# hidden sizes up to 2,048 fuse.
 NORM_GEMV_MAX_HIDDEN = 2048
 
 

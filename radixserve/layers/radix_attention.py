@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from radixserve.layers.attention.kv_write import KVWrite
-from radixserve.model_executor.forward_batch import ForwardBatch
+from radixserve.core.forward_batch import ForwardBatch
+from radixserve.layers.kv_write import KVWrite
 
 
 class RadixAttention(nn.Module):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from radixserve.layers.attention.kv_write import KVWrite
+from radixserve.layers.kv_write import KVWrite
 from radixserve.layers.layernorm import RMSNorm
 from radixserve.layers.lazy_kernels import triton_kernel
 

@@ -24,7 +24,6 @@ from typing import Any
 import zmq
 
 from radixserve.configs.model_config import ModelConfig
-from radixserve.distributed.launcher import dead_process, replica_port_args, stop_processes
 from radixserve.managers.io_struct import (
     AbortReq,
     BatchTokenIDOut,
@@ -34,6 +33,9 @@ from radixserve.managers.io_struct import (
     TokenizedGenerateReqInput,
 )
 from radixserve.managers.ipc import PortArgs, zmq_socket
+from radixserve.managers.launcher import dead_process, replica_port_args, stop_processes
+from radixserve.managers.request_validation import ModelLimits, limits_from
+from radixserve.managers.scheduler_interface import SchedulerInterface
 from radixserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -119,13 +121,13 @@ def prefix_keys(input_ids: list[int]) -> list[int]:
     return keys
 
 
-class DataParallelController:
+class DataParallelController(SchedulerInterface):
     """The `Scheduler` interface the Engine and SchedulerLoop use, over replicas."""
 
     def __init__(self, server_args: ServerArgs, ctrl: PortArgs, tokenizer: Any = None,
                  processes: dict[str, BaseProcess] | None = None) -> None:
         self.server_args = server_args
-        self.model_config = ModelConfig.from_server_args(server_args)
+        self.model_config = ModelConfig.from_load_config(server_args.load_config())
         self.tokenizer = tokenizer
         self.context_len = self.model_config.context_len
         self._ctrl = ctrl
@@ -146,12 +148,10 @@ class DataParallelController:
 
     # --- the Scheduler interface ---------------------------------------------------
 
-    def validate_request(self, input_ids: list[int], max_new_tokens: int) -> None:
-        from radixserve.managers.scheduler import Scheduler
-
-        # Same checks as a replica's, on the same attributes (context_len, model_config,
-        # max_total_num_tokens): bad requests fail here, before any routing.
-        Scheduler.validate_request(self, input_ids, max_new_tokens)  # type: ignore[arg-type]
+    def model_limits(self) -> ModelLimits:
+        """The model's limits with the smallest replica's KV cache: callers validate
+        against these (request_validation.py), so bad requests fail before routing."""
+        return limits_from(self.model_config, self.max_total_num_tokens)
 
     def add_request(self, recv: TokenizedGenerateReqInput) -> None:
         max_new = recv.sampling_params.max_new_tokens or 0
@@ -253,7 +253,7 @@ def run_dp_controller_process(server_args: ServerArgs, port_args: PortArgs, ctrl
 def launch_engine_replicas(server_args: ServerArgs) -> DataParallelController:
     """The Engine's parallel path: every rank of every replica in a process of its own,
     behind a controller in the caller's process."""
-    from radixserve.distributed.launcher import spawn_replica, wait_all_ready
+    from radixserve.managers.launcher import spawn_replica, wait_all_ready
 
     if server_args.node_rank > 0:
         raise ValueError("node_rank > 0 runs only TP followers: start it with "
@@ -268,7 +268,7 @@ def launch_engine_replicas(server_args: ServerArgs) -> DataParallelController:
         if not server_args.skip_tokenizer_init:
             from radixserve.model_loader.tokenizer import get_tokenizer
 
-            tokenizer = get_tokenizer(server_args)
+            tokenizer = get_tokenizer(server_args.load_config())
         return DataParallelController(server_args, ctrl, tokenizer,
                                       {r.name: r.proc for r in ranks})
     except BaseException:

@@ -2,7 +2,7 @@
 
 `Detokenizer` is a pure class; the offline Engine runs it in-process, and the
 server runs the very same class in its own process (`run_detokenizer_process`),
-between the scheduler and the TokenizerManager (DESIGN.md §1).
+between the scheduler and the TokenizerManager (docs/architecture.md, "Processes").
 
 Two invariants hold for every request, so that the concatenated deltas equal
 the final text:
@@ -146,7 +146,7 @@ def run_detokenizer_process(server_args: ServerArgs, port_args: PortArgs,
     try:
         from radixserve.model_loader.tokenizer import get_tokenizer
 
-        detokenizer = Detokenizer(get_tokenizer(server_args))
+        detokenizer = Detokenizer(get_tokenizer(server_args.load_config()))
         context = zmq.Context(2)
         recv = zmq_socket(context, zmq.PULL, port_args.detokenizer_ipc, bind=True)
         send = zmq_socket(context, zmq.PUSH, port_args.tokenizer_ipc, bind=False)

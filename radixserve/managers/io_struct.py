@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from radixserve.sampling_params import SamplingParams
+from radixserve.core.sampling_params import SamplingParams
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from radixserve.core.req import Req
 from radixserve.managers.io_struct import BatchTokenIDOut
-from radixserve.managers.schedule_batch import Req
 
 
 def build_token_id_out(reqs: Iterable[Req]) -> BatchTokenIDOut | None:

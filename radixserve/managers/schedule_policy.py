@@ -7,7 +7,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from radixserve.managers.schedule_batch import Req
+from radixserve.core.req import Req
 
 # Reordering the queue needs a prefix match per request; past this many waiting
 # requests it stops being cheap, and the queue is served first come, first served.

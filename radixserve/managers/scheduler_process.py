@@ -2,7 +2,7 @@
 
 The offline Engine drives the same `Scheduler` in-process (calling add_request /
 step itself); here the requests arrive over ZMQ from the TokenizerManager and the
-token outputs leave for the detokenizer process (DESIGN.md §1).
+token outputs leave for the detokenizer process (docs/architecture.md, "Processes").
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from radixserve.managers.io_struct import (
     TokenizedGenerateReqInput,
 )
 from radixserve.managers.ipc import PortArgs, start_parent_watchdog, zmq_socket
+from radixserve.managers.scheduler_interface import SchedulerInterface
 from radixserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -33,23 +34,18 @@ logger = logging.getLogger(__name__)
 _IDLE_POLL_MS = 50
 
 
-def model_info(scheduler: Any) -> dict[str, Any]:
-    """What the TokenizerManager needs to validate requests without the model."""
-    config = scheduler.model_config
-    info = scheduler.get_server_info()
-    return {
-        "model_path": config.model_path,
-        "context_len": int(config.context_len),
-        "vocab_size": int(config.vocab_size),
-        "eos_token_ids": sorted(int(t) for t in (config.eos_token_ids or ())),
-        "max_total_num_tokens": int(info.max_total_num_tokens),
-    }
+def model_info(scheduler: SchedulerInterface) -> dict[str, Any]:
+    """What the TokenizerManager needs to validate requests without the model: the
+    scheduler's ModelLimits (context_len, vocab_size, max_total_num_tokens -- the
+    smallest replica's under DP --, eos_token_ids, generation_defaults) as a dict."""
+    return {"model_path": scheduler.model_config.model_path,
+            **scheduler.model_limits().to_model_info()}
 
 
 class SchedulerLoop:
     """Owns the sockets; `run_forever` alternates receiving requests and stepping."""
 
-    def __init__(self, scheduler: Any, port_args: PortArgs) -> None:
+    def __init__(self, scheduler: SchedulerInterface, port_args: PortArgs) -> None:
         self.scheduler = scheduler
         context = zmq.Context(2)
         self.recv = zmq_socket(context, zmq.PULL, port_args.scheduler_input_ipc, bind=True)
@@ -109,17 +105,17 @@ def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs,
             from radixserve.distributed.parallel_state import init_tp_group
             from radixserve.managers.tp_sync import TpScheduler
 
-            group = init_tp_group(server_args, 0, str(dist_addr), dp_rank)
+            group = init_tp_group(server_args.parallel_config(), 0, str(dist_addr), dp_rank)
             return TpScheduler(Scheduler(server_args), group)
         from radixserve.distributed.parallel_state import bind_device
 
-        bind_device(server_args, 0, dp_rank)  # DP replica d takes GPU d
+        bind_device(server_args.parallel_config(), 0, dp_rank)  # DP replica d takes GPU d
         return Scheduler(server_args)
 
     serve_scheduler_loop(make_scheduler, port_args, ready_pipe, "scheduler")
 
 
-def serve_scheduler_loop(make_scheduler: Callable[[], Any], port_args: PortArgs,
+def serve_scheduler_loop(make_scheduler: Callable[[], SchedulerInterface], port_args: PortArgs,
                          ready_pipe: Connection, what: str) -> None:
     """Build the scheduler (or anything with its interface), report readiness and model
     info through the pipe, then loop forever; a failure at either stage is logged and
@@ -147,7 +143,7 @@ def run_tp_follower_process(server_args: ServerArgs, tp_rank: int, dp_rank: int,
         from radixserve.distributed.parallel_state import init_tp_group
         from radixserve.managers.scheduler import Scheduler
 
-        group = init_tp_group(server_args, tp_rank, dist_addr, dp_rank)
+        group = init_tp_group(server_args.parallel_config(), tp_rank, dist_addr, dp_rank)
         scheduler = Scheduler(server_args)
         ready_pipe.send({"status": "ready"})
     except Exception as exc:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
 
 import zmq
@@ -28,24 +27,20 @@ from radixserve.managers.io_struct import (
     TokenizedGenerateReqInput,
 )
 from radixserve.managers.ipc import PortArgs, zmq_socket
-from radixserve.sampling_params import SamplingParams
+# InvalidRequestError and MAX_TOP_LOGPROBS live in request_validation; re-exported here
+# for the entry points that import them from this module.
+from radixserve.managers.request_validation import (  # noqa: F401
+    MAX_TOP_LOGPROBS,
+    InvalidRequestError,
+    ModelLimits,
+    RequestValidator,
+)
 from radixserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
-MAX_TOP_LOGPROBS = 20
 # How often a waiting non-streaming request checks whether its client left.
 _DISCONNECT_POLL_S = 0.5
-_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
-
-
-class InvalidRequestError(ValueError):
-    """A client error: the HTTP layer answers 400 with `param` as the field name."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
 
 
 class ServerDeadError(RuntimeError):
@@ -98,8 +93,10 @@ class TokenizerManager:
                  model_info: dict[str, Any], tokenizer: Any) -> None:
         self.server_args = server_args
         self.model_info = model_info
-        self.context_len: int = model_info["context_len"]
-        self.vocab_size: int = model_info["vocab_size"]
+        self.limits = ModelLimits.from_model_info(model_info)
+        self.validator = RequestValidator(self.limits)
+        self.context_len: int = self.limits.context_len
+        self.vocab_size: int = self.limits.vocab_size
         self.tokenizer = tokenizer
         self.served_model_name = server_args.served_model_name or str(server_args.model_path)
         self._sync_context = zmq.Context(1)
@@ -239,107 +236,12 @@ class TokenizerManager:
     # --- tokenization and validation -------------------------------------------
 
     def _tokenize_and_validate(self, obj: GenerateReqInput) -> list[TokenizedGenerateReqInput]:
-        prompts = self._prompts(obj)
-        params, budget = self._sampling_params(obj.sampling_params)
-        if not isinstance(obj.top_logprobs_num, int) or not (
-                0 <= obj.top_logprobs_num <= MAX_TOP_LOGPROBS):
-            raise InvalidRequestError(
-                f"top_logprobs_num must be an integer in [0, {MAX_TOP_LOGPROBS}], "
-                f"got {obj.top_logprobs_num!r}", "top_logprobs_num")
-        base_rid = obj.rid or uuid.uuid4().hex
-        total = len(prompts) * params.n
-        reqs = []
-        for i, (text, ids) in enumerate(prompts):
-            self._check_prompt_ids(ids)
-            req_params = self._fit_max_new_tokens(params, len(ids), budget)
-            if obj.return_logprob and obj.logprob_start_len >= len(ids):
-                raise InvalidRequestError(
-                    f"logprob_start_len ({obj.logprob_start_len}) must be smaller than the "
-                    f"prompt length ({len(ids)})", "logprob_start_len")
-            for j in range(params.n):
-                index = i * params.n + j
-                reqs.append(TokenizedGenerateReqInput(
-                    rid=base_rid if total == 1 else f"{base_rid}-{index}",
-                    input_text=text,
-                    input_ids=ids,
-                    sampling_params=req_params.copy_with_seed_offset(j),
-                    return_logprob=obj.return_logprob,
-                    logprob_start_len=obj.logprob_start_len,
-                    top_logprobs_num=obj.top_logprobs_num,
-                    stream=obj.stream,
-                ))
+        """The shared rules (request_validation.py), the same as the offline Engine's."""
+        reqs, _single = self.validator.prepare(
+            obj.text, obj.input_ids, self.tokenizer, obj.sampling_params,
+            return_logprob=obj.return_logprob, logprob_start_len=obj.logprob_start_len,
+            top_logprobs_num=obj.top_logprobs_num, stream=obj.stream, rid=obj.rid)
         return reqs
-
-    def _prompts(self, obj: GenerateReqInput) -> list[tuple[str | None, list[int]]]:
-        if (obj.text is None) == (obj.input_ids is None):
-            raise InvalidRequestError("exactly one of text and input_ids must be given", "text")
-        if obj.text is not None:
-            texts = [obj.text] if isinstance(obj.text, str) else obj.text
-            if not isinstance(texts, list) or not texts or not all(
-                    isinstance(t, str) for t in texts):
-                raise InvalidRequestError("text must be a string or a non-empty list of strings",
-                                          "text")
-            if self.tokenizer is None:
-                raise InvalidRequestError("text needs a tokenizer (server runs with "
-                                          "--skip-tokenizer-init); send input_ids", "text")
-            return [(t, list(self.tokenizer.encode(t))) for t in texts]
-        ids = obj.input_ids
-        batch = ids if isinstance(ids, list) and ids and isinstance(ids[0], list) else [ids]
-        for seq in batch:
-            if not isinstance(seq, list) or not all(
-                    isinstance(t, int) and not isinstance(t, bool) for t in seq):
-                raise InvalidRequestError(
-                    "input_ids must be a list of integers or a list of such lists", "input_ids")
-        return [(None, list(seq)) for seq in batch]
-
-    def _check_prompt_ids(self, ids: list[int]) -> None:
-        if not ids:
-            raise InvalidRequestError("the prompt is empty", "prompt")
-        if any(t < 0 or t >= self.vocab_size for t in ids):
-            raise InvalidRequestError(
-                f"input_ids must be in [0, {self.vocab_size})", "input_ids")
-        if len(ids) >= self.context_len:
-            raise InvalidRequestError(
-                f"the prompt has {len(ids)} tokens; the model's context length is "
-                f"{self.context_len}", "prompt")
-
-    def _sampling_params(self, raw: dict[str, Any] | None) -> tuple[SamplingParams, str]:
-        """Parse and check; also say where max_new_tokens came from: "explicit",
-        "default", or "room" (an explicit null: as many as the context allows,
-        OpenAI's meaning of a missing max_tokens)."""
-        if raw is not None and not isinstance(raw, dict):
-            raise InvalidRequestError("sampling_params must be an object", "sampling_params")
-        raw = dict(raw or {})
-        if "max_new_tokens" not in raw:
-            budget = "default"
-        else:
-            budget = "room" if raw["max_new_tokens"] is None else "explicit"
-        try:
-            params = SamplingParams.from_dict(raw)
-            params.verify()
-            params.normalize()
-        except (TypeError, ValueError) as exc:
-            message = str(exc)
-            name = message.split(" ", 1)[0].rstrip(":")
-            raise InvalidRequestError(message, name if name in _SAMPLING_FIELDS else
-                                      "sampling_params") from exc
-        return params, budget
-
-    def _fit_max_new_tokens(self, params: SamplingParams, prompt_len: int,
-                            budget: str) -> SamplingParams:
-        room = self.context_len - prompt_len
-        if budget == "explicit" and params.max_new_tokens > room:
-            raise InvalidRequestError(
-                f"max_new_tokens ({params.max_new_tokens}) is more than the "
-                f"{room} tokens left in the context ({self.context_len}) after the "
-                f"{prompt_len}-token prompt", "max_new_tokens")
-        if budget == "explicit" or (budget == "default" and params.max_new_tokens <= room):
-            return params
-        fitted = params.copy_with_seed_offset(0)
-        fitted.n = params.n
-        fitted.max_new_tokens = room
-        fitted.min_new_tokens = min(fitted.min_new_tokens, room)
-        return fitted
 
     # --- control requests ------------------------------------------------------
 

@@ -18,7 +18,9 @@ from typing import Any
 
 from radixserve.distributed.parallel_state import TpGroup
 from radixserve.managers.io_struct import BatchTokenIDOut, ServerInfo, TokenizedGenerateReqInput
+from radixserve.managers.request_validation import ModelLimits
 from radixserve.managers.scheduler import Scheduler
+from radixserve.managers.scheduler_interface import SchedulerInterface
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ def apply_commands(scheduler: Scheduler, msg: StepCommands) -> list[Any]:
     return results
 
 
-class TpScheduler:
+class TpScheduler(SchedulerInterface):
     """Rank 0's scheduler under TP, with the `Scheduler` interface its loop uses."""
 
     def __init__(self, scheduler: Scheduler, group: TpGroup) -> None:
@@ -59,8 +61,9 @@ class TpScheduler:
         self.tokenizer = scheduler.tokenizer
         self._commands: list[tuple[str, Any]] = []
 
-    def validate_request(self, input_ids: list[int], max_new_tokens: int) -> None:
-        self.scheduler.validate_request(input_ids, max_new_tokens)
+    def model_limits(self) -> ModelLimits:
+        """Rank 0's limits: every rank of the group has the same model and KV cache."""
+        return self.scheduler.model_limits()
 
     def add_request(self, recv: TokenizedGenerateReqInput) -> None:
         self._commands.append(("add", recv))

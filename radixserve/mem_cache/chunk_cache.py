@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from radixserve.managers.schedule_batch import Req
+from radixserve.core.req import Req
 from radixserve.mem_cache.allocator import TokenToKVPoolAllocator
 from radixserve.mem_cache.memory_pool import ReqToTokenPool
 from radixserve.mem_cache.radix_cache import MatchResult, TreeNode

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from radixserve.managers.schedule_batch import Req
+from radixserve.core.req import Req
 from radixserve.mem_cache.allocator import TokenToKVPoolAllocator
 from radixserve.mem_cache.memory_pool import ReqToTokenPool
 

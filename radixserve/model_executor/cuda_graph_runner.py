@@ -13,17 +13,18 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from radixserve.model_executor.forward_batch import (
-    ForwardBatch, ForwardMode, fill_decode_inputs)
-
-if TYPE_CHECKING:
-    from radixserve.layers.attention.cascade import CascadePlan
-    from radixserve.managers.schedule_batch import Req
-    from radixserve.model_executor.model_runner import ModelRunner
+from radixserve.core.forward_batch import ForwardBatch, ForwardMode, fill_decode_inputs
+from radixserve.core.req import Req
+from radixserve.distributed.parallel_state import TpGroup
+from radixserve.layers.attention.base import AttentionBackend
+from radixserve.layers.attention.cascade import CascadePlan
+from radixserve.mem_cache.memory_pool import ReqToTokenPool
+from radixserve.model_executor.future_tokens import FutureTokenMap
 
 logger = logging.getLogger(__name__)
 
@@ -40,22 +41,38 @@ def capture_batch_sizes(max_bs: int) -> list[int]:
     return sizes
 
 
+@dataclass(frozen=True)
+class GraphTarget:
+    """What a decode graph captures: the model and the state its forward reads. The
+    model runner hands these over, so that this module does not depend on it."""
+
+    model: torch.nn.Module
+    attn_backend: AttentionBackend
+    req_to_token_pool: ReqToTokenPool
+    token_to_kv_pool: Any
+    future: FutureTokenMap
+    tp_group: TpGroup
+
+
 class CudaGraphRunner:
-    def __init__(self, model_runner: "ModelRunner") -> None:
-        self.mr = model_runner
-        sa = model_runner.server_args
-        max_bs = min(sa.cuda_graph_max_bs or DEFAULT_MAX_BS, model_runner.max_running_requests)
+    """Captures at construction; `replay` runs a decode batch of up to `max_bs` requests."""
+
+    def __init__(self, target: GraphTarget, *, max_bs: int, vocab_size: int,
+                 cascade: bool) -> None:
+        self.target = target
+        attn_backend = target.attn_backend
         self.batch_sizes = capture_batch_sizes(max_bs)
         self.max_bs = self.batch_sizes[-1]
-        dev = model_runner.device
-        self.fill_seq_len = model_runner.attn_backend.get_cuda_graph_seq_len_fill_value()
+        dev = target.future.buf.device
+        self.device = dev
+        self.fill_seq_len = attn_backend.get_cuda_graph_seq_len_fill_value()
         # The graph's inputs: for each captured size P, a contiguous [rows, P] block at the
         # start of one flat buffer (rows in the order of ForwardBatch.packed_decode_inputs),
         # so that a replay fills them with one host-to-device copy. Padded columns: token
         # 0 at position 0 of request row 0, written to slot 0. With cascade attention,
         # four more rows carry a batch's cascade plan (attention/cascade.py); padded
         # columns are zeros there: no group, empty tiles.
-        self.cascade = model_runner.cascade_planner is not None
+        self.cascade = cascade
         pad = [0, 0, 0, self.fill_seq_len, 0] + [0] * (4 if self.cascade else 0)
         self.num_rows = len(pad)
         self._pad_host = torch.tensor(pad, dtype=torch.int64).view(-1, 1)
@@ -71,11 +88,10 @@ class CudaGraphRunner:
         # graph's chain); per-graph outputs would hold a [bs, vocab] tensor for each of
         # the ~70 graphs. A replay overwrites the previous one's logits: whoever keeps
         # them past the next replay must copy them (see ModelRunner.launch_forward).
-        self.logits = torch.empty(self.max_bs, model_runner.model_config.vocab_size,
-                                  dtype=torch.float32, device=dev)
+        self.logits = torch.empty(self.max_bs, vocab_size, dtype=torch.float32, device=dev)
         self.pool = None
         self._batches: dict[tuple[int, bool], ForwardBatch] = {}
-        model_runner.attn_backend.init_cuda_graph_state(self.max_bs)
+        attn_backend.init_cuda_graph_state(self.max_bs)
         self._capture_all()
 
     def _batch(self, bs: int, cascade: bool) -> ForwardBatch:
@@ -83,14 +99,16 @@ class CudaGraphRunner:
         once per graph, since a replay must not pay for building it again."""
         key = (bs, cascade)
         if key not in self._batches:
-            mr, block = self.mr, self._blocks[bs]
+            block = self._blocks[bs]
             input_ids, positions, rows, seq_lens, out_cache_loc = block[:5].unbind(0)
             self._batches[key] = ForwardBatch(
                 forward_mode=ForwardMode.DECODE, batch_size=bs, input_ids=input_ids,
                 positions=positions, req_pool_indices=rows, seq_lens=seq_lens,
                 out_cache_loc=out_cache_loc, seq_lens_cpu=[self.fill_seq_len] * bs,
-                req_to_token_pool=mr.req_to_token_pool, token_to_kv_pool=mr.token_to_kv_pool,
-                attn_backend=mr.attn_backend, cascade_inputs=block[5:] if cascade else None)
+                req_to_token_pool=self.target.req_to_token_pool,
+                token_to_kv_pool=self.target.token_to_kv_pool,
+                attn_backend=self.target.attn_backend,
+                cascade_inputs=block[5:] if cascade else None)
         return self._batches[key]
 
     def _keys(self) -> list[tuple[int, bool]]:
@@ -101,7 +119,7 @@ class CudaGraphRunner:
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
-        dev = self.mr.device
+        dev = self.device
         torch.cuda.synchronize(dev)
         free_before = torch.cuda.mem_get_info(dev)[0]
         t0 = time.perf_counter()
@@ -115,7 +133,7 @@ class CudaGraphRunner:
 
     def _capture(self, bs: int, cascade: bool) -> None:
         fb = self._batch(bs, cascade)
-        backend = self.mr.attn_backend
+        backend = self.target.attn_backend
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -134,11 +152,11 @@ class CudaGraphRunner:
     def _run_model(self, fb: ForwardBatch) -> None:
         # Swapping in the tokens of the batch still in flight is part of the graph:
         # it costs the host nothing, and the padded / known ids are left as they are.
-        model = self.mr.model
-        input_ids = self.mr.future.resolve(fb.input_ids)
+        model = self.target.model
+        input_ids = self.target.future.resolve(fb.input_ids)
         # Every graph's all-reduces take the NCCL window from its start (graphs never
         # run at once): the offsets captured here are the ones every replay uses.
-        self.mr.tp_group.begin_forward()
+        self.target.tp_group.begin_forward()
         model.compute_logits(model(input_ids, fb.positions, fb), out=self.logits[:fb.batch_size])
 
     def _padded(self, bs: int) -> int:
@@ -149,32 +167,13 @@ class CudaGraphRunner:
         cascade graph, or eagerly past the largest graph."""
         return bs > self.max_bs or (self.cascade and self._padded(bs) > 1)
 
-    def can_run(self, fb: ForwardBatch) -> bool:
-        # Decode batches from ModelRunner.build_forward_batch carry their inputs packed;
-        # a hand-built one runs eagerly.
-        return (fb.forward_mode.is_decode() and fb.batch_size <= self.max_bs
-                and fb.packed_decode_inputs is not None)
-
-    def replay(self, fb: ForwardBatch) -> torch.Tensor:
-        """Replay with the inputs of a batch built by ModelRunner.build_forward_batch
-        (already on the device); returns its logits rows."""
-        bs = fb.batch_size
-        padded = self._padded(bs)
-        block = self._blocks[padded]
-        if padded != bs:
-            block[:, bs:].copy_(self.pad_column.expand(-1, padded - bs))
-        packed = fb.packed_decode_inputs
-        block[:packed.shape[0], :bs].copy_(packed)
-        return self._launch(bs, padded, fb.cascade_plan is not None)
-
-    def replay_reqs(self, reqs: list[Req], out_cache_loc: torch.Tensor,
-                    plan: CascadePlan | None) -> torch.Tensor:
+    def replay(self, reqs: list[Req], out_cache_loc: torch.Tensor,
+               plan: CascadePlan | None) -> torch.Tensor:
         """Replay a decode batch straight from the scheduler's requests: their inputs go
         from one pinned host block into the graph's block in one copy, and the graph is
-        launched before anything else is built. The GPU sits idle through the host time
-        before the launch unless an earlier batch is still running: at batch 1 of
-        Qwen3-0.6B on an H100 machine, build_forward_batch + `replay` took about 115 us
-        of a 1.1 ms step before the launch, this path about 50.
+        launched before anything else is built (no ForwardBatch is made). The GPU sits
+        idle through the host time before the launch unless an earlier batch is still
+        running, so this path keeps that time short (docs/benchmarks.md).
 
         out_cache_loc: [B] host slots; plan: the batch's cascade plan (host) or None."""
         bs = len(reqs)
@@ -190,6 +189,6 @@ class CudaGraphRunner:
 
     def _launch(self, bs: int, padded: int, cascade: bool) -> torch.Tensor:
         key = (padded, cascade)
-        self.mr.attn_backend.init_forward_metadata_replay_cuda_graph(self._batch(*key))
+        self.target.attn_backend.init_forward_metadata_replay_cuda_graph(self._batch(*key))
         self.graphs[key].replay()
         return self.logits[:bs]

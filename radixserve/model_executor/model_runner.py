@@ -13,21 +13,26 @@ from dataclasses import dataclass
 import torch
 
 from radixserve.configs.model_config import ModelConfig
+from radixserve.configs.runner_config import RunnerConfig
 from radixserve.constrained.xgrammar_backend import HostBitmasks
+from radixserve.core.batch_result import BatchResult
+from radixserve.core.forward_batch import ForwardBatch, ForwardMode, fill_decode_inputs
+from radixserve.core.req import Req
+from radixserve.core.schedule_batch import ScheduleBatch
 from radixserve.device_utils import host_to_device, to_device_async
 from radixserve.distributed.parallel_state import get_tp_group, kv_heads_per_rank
 from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.attention.cascade import CascadePlan, CascadePlanner
+from radixserve.layers.attention.registry import AttentionSpec, create_attention_backend
 from radixserve.layers.sampler import Sampler, get_token_logprobs
-from radixserve.managers.schedule_batch import Req, ScheduleBatch
 from radixserve.mem_cache.allocator import TokenToKVPoolAllocator
 from radixserve.mem_cache.memory_pool import (MHATokenToKVPool, MLATokenToKVPool,
                                               ReqToTokenPool)
-from radixserve.model_executor.forward_batch import (
-    ForwardBatch, ForwardMode, fill_decode_inputs)
+from radixserve.model_executor.cuda_graph_runner import (DEFAULT_MAX_BS, CudaGraphRunner,
+                                                       GraphTarget)
+from radixserve.model_executor.future_tokens import FutureTokenMap
 from radixserve.model_loader.loader import load_model
 from radixserve.sampling.sampling_batch_info import GreedyInfoCache, SamplingBatchInfo
-from radixserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
@@ -52,61 +57,20 @@ class PendingBatch:
     ready: torch.cuda.Event | None = None
 
 
-class FutureTokenMap:
-    """Device ring buffer of sampled tokens, so that a batch can be launched before the
-    previous one's tokens reach the host: the scheduler writes the placeholder
-    -(slot + 1) where a token is not known yet, and `resolve` swaps in the sampled value
-    on the device. Sized for two batches in flight, so a slot is never overwritten
-    before the batch that reads it has run."""
-
-    def __init__(self, max_batch: int, device: torch.device) -> None:
-        self.size = 2 * max_batch + 2
-        self.buf = torch.zeros(self.size, dtype=torch.int64, device=device)
-        self.next = 0
-        self.pending = False  # set by the scheduler while placeholders may be in use
-
-    def reserve(self, n: int) -> int:
-        """Slots for a batch of n requests; returns the first one."""
-        if self.next + n > self.size:
-            self.next = 0
-        base = self.next
-        self.next += n
-        return base
-
-    def store(self, base: int, ids: torch.Tensor) -> None:
-        self.buf[base:base + ids.shape[0]] = ids
-
-    def resolve(self, input_ids: torch.Tensor) -> torch.Tensor:
-        slots = (-input_ids - 1).clamp(min=0)
-        return torch.where(input_ids < 0, self.buf[slots], input_ids)
-
-
-@dataclass
-class BatchResult:
-    next_token_ids: list[int]  # one per request (ignored for unfinished chunks)
-    # Per request: logprob of the sampled token and its top-k, when asked.
-    next_token_logprobs: list[tuple[float, int] | None]
-    next_top_logprobs: list[list[tuple[float, int]] | None]
-    # Per request: prompt logprobs computed in this forward, as (logprob, token_id) for
-    # each prompt token whose logits this chunk produced, and their top-k lists.
-    input_logprobs: list[list[tuple[float, int]] | None]
-    input_top_logprobs: list[list[list[tuple[float, int]]] | None]
-
-
 class ModelRunner:
-    def __init__(self, server_args: ServerArgs, model_config: ModelConfig) -> None:
-        self.server_args = server_args
+    def __init__(self, config: RunnerConfig, model_config: ModelConfig) -> None:
+        self.config = config
         self.model_config = model_config
-        self.device = torch.device(server_args.device)
+        self.device = torch.device(config.device)
         self.dtype = model_config.dtype
-        self.page_size = server_args.page_size
+        self.page_size = config.page_size
         # This rank's share of the heads: the KV pool and the kernels see only those.
         self.tp_group = get_tp_group()
         self.num_heads = model_config.num_attention_heads // self.tp_group.size
         self.num_kv_heads = kv_heads_per_rank(model_config.num_key_value_heads,
                                               self.tp_group.size)
-        torch.manual_seed(server_args.random_seed)
-        self.model = load_model(server_args, model_config)
+        torch.manual_seed(config.random_seed)
+        self.model = load_model(config.load, model_config)
         self._init_memory_pools()
         self.attn_backend = self._make_attn_backend()
         self.cascade_planner = self._make_cascade_planner()
@@ -116,15 +80,18 @@ class ModelRunner:
         self._mask_buffers = HostBitmasks(pinned=self.device.type == "cuda")
         self.future = FutureTokenMap(self.max_running_requests + 1, self.device)
         self.last_wait_s = 0.0  # host time spent waiting for the device in resolve_batch
-        if server_args.enable_symm_mem_all_reduce:
+        if config.enable_symm_mem_all_reduce:
             self.tp_group.enable_symm_mem_all_reduce(self.dtype, self.device)
-        elif server_args.enable_nccl_symm_all_reduce:
+        elif config.enable_nccl_symm_all_reduce:
             self.tp_group.enable_nccl_window_all_reduce(self.device)
-        self.cuda_graph_runner = None
-        if self.device.type == "cuda" and not server_args.disable_cuda_graph:
-            from radixserve.model_executor.cuda_graph_runner import CudaGraphRunner
-
-            self.cuda_graph_runner = CudaGraphRunner(self)
+        self.cuda_graph_runner: CudaGraphRunner | None = None
+        if self.device.type == "cuda" and not config.disable_cuda_graph:
+            target = GraphTarget(self.model, self.attn_backend, self.req_to_token_pool,
+                                 self.token_to_kv_pool, self.future, self.tp_group)
+            self.cuda_graph_runner = CudaGraphRunner(
+                target, max_bs=min(config.cuda_graph_max_bs or DEFAULT_MAX_BS,
+                           self.max_running_requests),
+                vocab_size=model_config.vocab_size, cascade=self.cascade_planner is not None)
 
     # --- memory -------------------------------------------------------------------
 
@@ -137,8 +104,8 @@ class ModelRunner:
                                                 mc.num_hidden_layers)
 
     def _profile_max_total_tokens(self) -> int:
-        if self.server_args.max_total_tokens is not None:
-            return self.server_args.max_total_tokens
+        if self.config.max_total_tokens is not None:
+            return self.config.max_total_tokens
         per_token = self._kv_bytes_per_token()
         if self.device.type == "cpu":
             return max(self.page_size, min(_CPU_MAX_TOTAL_TOKENS, _CPU_KV_BYTES // per_token))
@@ -146,16 +113,15 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         # mem_fraction_static is the share of the whole GPU for weights + KV; what the
         # model already holds is part of it. The rest is left for activations/graphs.
-        budget = total * self.server_args.mem_fraction_static - (total - free)
+        budget = total * self.config.mem_fraction_static - (total - free)
         if budget <= 0:
             raise RuntimeError(
                 f"no GPU memory left for the KV cache: mem_fraction_static="
-                f"{self.server_args.mem_fraction_static} of {total / 2**30:.1f} GiB is "
+                f"{self.config.mem_fraction_static} of {total / 2**30:.1f} GiB is "
                 f"already used by the weights; raise --mem-fraction-static")
         return int(budget // per_token)
 
     def _init_memory_pools(self) -> None:
-        sa = self.server_args
         mc = self.model_config
         # TP ranks must agree on the pool size, or their schedulers would diverge.
         self.max_total_num_tokens = self.tp_group.min_int(self._profile_max_total_tokens())
@@ -163,7 +129,7 @@ class ModelRunner:
         if self.max_total_num_tokens < self.page_size:
             raise ValueError(f"max_total_tokens={self.max_total_num_tokens} is below one page")
         default_reqs = 256 if self.device.type == "cpu" else 1024
-        self.max_running_requests = sa.max_running_requests or min(
+        self.max_running_requests = self.config.max_running_requests or min(
             default_reqs, max(1, self.max_total_num_tokens // 2))
         self.max_context_len = mc.context_len
         # One spare row for the request that is being prefilled in chunks.
@@ -185,46 +151,25 @@ class ModelRunner:
                     self.max_running_requests)
 
     def _make_attn_backend(self) -> AttentionBackend:
-        name = self.server_args.attention_backend
-        if self.model_config.is_mla:
-            return self._make_mla_backend(name)
-        if name == "torch_native":
-            from radixserve.layers.attention.torch_native import TorchNativeAttnBackend
-
-            return TorchNativeAttnBackend()
-        if name == "triton":
-            from radixserve.layers.attention.triton import TritonAttnBackend
-
-            mc = self.model_config
-            return TritonAttnBackend(self.num_heads, self.num_kv_heads, mc.head_dim,
-                                     self.device, self.max_context_len)
-        raise ValueError(f"unknown attention backend {name!r} (torch_native, triton)")
+        mc = self.model_config
+        mla = ({"kv_lora_rank": mc.kv_lora_rank, "qk_rope_head_dim": mc.qk_rope_head_dim}
+               if mc.is_mla else {})
+        spec = AttentionSpec(self.num_heads, self.num_kv_heads, mc.head_dim, self.device,
+                             self.max_context_len, **mla)
+        return create_attention_backend(self.config.attention_backend, spec)
 
     def _make_cascade_planner(self) -> CascadePlanner | None:
-        sa, tile = self.server_args, self.attn_backend.cascade_tile_size
-        if tile is None or sa.disable_radix_cache or sa.disable_cascade_attention:
+        cfg, tile = self.config, self.attn_backend.cascade_tile_size
+        if tile is None or cfg.disable_radix_cache or cfg.disable_cascade_attention:
             return None
         return CascadePlanner(tile)
 
-    # --- MLA (DeepSeek): the compressed KV pool and its backends -------------------
+    # --- MLA (DeepSeek): the compressed KV pool ------------------------------------
 
     def _make_mla_pool(self, num_slots: int) -> MLATokenToKVPool:
         mc = self.model_config
         return MLATokenToKVPool(num_slots, self.dtype, mc.kv_lora_rank, mc.qk_rope_head_dim,
                                 mc.num_hidden_layers, self.device)
-
-    def _make_mla_backend(self, name: str) -> AttentionBackend:
-        if name == "torch_native":
-            from radixserve.layers.attention.torch_native_mla import TorchNativeMLABackend
-
-            return TorchNativeMLABackend()
-        if name == "triton":
-            from radixserve.layers.attention.triton_mla import TritonMLABackend
-
-            mc = self.model_config
-            return TritonMLABackend(self.num_heads, mc.kv_lora_rank, mc.qk_rope_head_dim,
-                                    self.device, self.max_context_len)
-        raise ValueError(f"unknown attention backend {name!r} (torch_native, triton)")
 
     # --- forward ------------------------------------------------------------------
 
@@ -234,8 +179,8 @@ class ModelRunner:
         dev = self.device
         if batch.forward_mode.is_decode():
             # One host→device copy for the whole batch: each separate small copy costs
-            # the scheduler ~30 µs of host time, and the step's host time is what the
-            # overlapped GPU waits on at small models.
+            # the scheduler host time, and the step's host time is what the overlapped
+            # GPU waits on at small models.
             plan = self._cascade_plan(reqs)
             host = torch.empty(5 if plan is None else 5 + plan.packed.shape[0], len(reqs),
                                dtype=torch.int64)
@@ -289,14 +234,11 @@ class ModelRunner:
         return self.cascade_planner.plan([r.last_node for r in reqs])
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
-        """float32 logits of the rows that need them: [rows, vocab].
+        """float32 logits of the rows that need them: [rows, vocab], run eagerly (a
+        decode batch that a CUDA graph runs goes through `replay_decode_graph`).
 
         Input ids may hold placeholders for tokens an earlier, still running batch
-        samples (see FutureTokenMap); they are resolved on the device (inside the CUDA
-        graph when one runs, so that costs no host time). A CUDA graph's logits live in
-        a buffer that the next replay overwrites."""
-        if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(fb):
-            return self.cuda_graph_runner.replay(fb)
+        samples (see FutureTokenMap); they are resolved on the device."""
         if self.future.pending:
             fb.input_ids = self.future.resolve(fb.input_ids)
         self.attn_backend.init_forward_metadata(fb)
@@ -308,15 +250,15 @@ class ModelRunner:
             hidden = hidden[fb.logits_indices]
         return self.model.compute_logits(hidden)
 
-    def _replay_decode_graph(self, batch: ScheduleBatch) -> torch.Tensor | None:
-        """The logits of a decode batch that a CUDA graph runs, launched from the host
-        values directly (CudaGraphRunner.replay_reqs); None for every other batch."""
+    def replay_decode_graph(self, batch: ScheduleBatch) -> torch.Tensor | None:
+        """The one graph entry point: the logits of a decode batch that a CUDA graph
+        runs, launched from the host values directly; None for every other batch.
+        The logits live in a buffer that the next replay overwrites."""
         graphs = self.cuda_graph_runner
         if (graphs is None or not batch.forward_mode.is_decode()
                 or len(batch.reqs) > graphs.max_bs):
             return None
-        return graphs.replay_reqs(batch.reqs, batch.out_cache_loc,
-                                  self._cascade_plan(batch.reqs))
+        return graphs.replay(batch.reqs, batch.out_cache_loc, self._cascade_plan(batch.reqs))
 
     @torch.inference_mode()
     def forward_batch_generation(self, batch: ScheduleBatch) -> BatchResult:
@@ -331,8 +273,11 @@ class ModelRunner:
         return pending
 
     @torch.inference_mode()
-    def launch_forward(self, batch: ScheduleBatch) -> PendingBatch:
+    def launch_forward(self, batch: ScheduleBatch,
+                       placeholders_pending: bool = False) -> PendingBatch:
         """Enqueue the forward and the logits; `launch_sampling` must follow.
+        `placeholders_pending`: the input ids may hold placeholders of tokens that a
+        batch still in flight samples (they are resolved on the device).
 
         The two are apart so that the host can do work between them that the sampling
         needs and the forward does not: the overlapped scheduler fills grammar masks
@@ -340,9 +285,8 @@ class ModelRunner:
         The batch's future-token slots are reserved here, so its placeholders exist
         before its tokens are sampled.
         """
-        # Every decode batch a graph can run takes the first branch, so a batch built
-        # here runs eagerly.
-        logits = self._replay_decode_graph(batch)
+        self.future.pending = placeholders_pending
+        logits = self.replay_decode_graph(batch)
         from_graph = logits is not None
         fb = None
         if logits is None:
@@ -398,8 +342,7 @@ class ModelRunner:
             pending.ready.synchronize()
             self.last_wait_s += time.perf_counter() - t0
         ids = pending.host_ids.tolist()
-        n = len(ids)
-        result = BatchResult(ids, [None] * n, [None] * n, [None] * n, [None] * n)
+        result = BatchResult.tokens_only(ids)
         if pending.next_logits is None:
             return result
         want = [i for i, k in enumerate(pending.top_nums) if k >= 0]

@@ -11,28 +11,29 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from radixserve.configs.gguf_config import resolve_gguf_file
+from radixserve.configs.load_config import LoadConfig
 from radixserve.configs.model_config import ModelConfig
 from radixserve.distributed.parallel_state import get_tp_group
 from radixserve.model_loader.dummy import init_dummy_weights
-from radixserve.model_loader.gguf_loader import count_gguf_tensors, iterate_gguf, resolve_gguf_file
+from radixserve.model_loader.gguf_loader import count_gguf_tensors, iterate_gguf
 from radixserve.model_loader.safetensors_loader import (count_tensors, iterate_safetensors,
                                                         safetensors_files)
 from radixserve.models.registry import get_model_class
-from radixserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
 
-def load_model(server_args: ServerArgs, model_config: ModelConfig) -> nn.Module:
+def load_model(load: LoadConfig, model_config: ModelConfig) -> nn.Module:
     model_cls = get_model_class(model_config.architecture)
-    device = torch.device(server_args.device)
+    device = torch.device(load.device)
     # Parameters are allocated directly on the device in the serving dtype: no CPU copy
     # of the whole model, and no float32 detour for bf16 weights.
     with torch.device(device), _default_dtype(model_config.dtype):
         model = model_cls(model_config.hf_config)
-    fmt = resolve_load_format(server_args)
+    fmt = resolve_load_format(load)
     if fmt == "dummy":
-        init_dummy_weights(model, seed=server_args.random_seed)
+        init_dummy_weights(model, seed=load.random_seed)
     else:
         weights, total = _weights(fmt, model_config)
         model.load_weights(tqdm(weights, total=total, desc=f"Loading {fmt} weights",
@@ -42,10 +43,10 @@ def load_model(server_args: ServerArgs, model_config: ModelConfig) -> nn.Module:
     return model.eval()
 
 
-def resolve_load_format(server_args: ServerArgs) -> str:
-    if server_args.load_format != "auto":
-        return server_args.load_format
-    return "gguf" if server_args.is_gguf else "safetensors"
+def resolve_load_format(load: LoadConfig) -> str:
+    if load.load_format != "auto":
+        return load.load_format
+    return "gguf" if load.is_gguf else "safetensors"
 
 
 def _weights(fmt: str, model_config: ModelConfig

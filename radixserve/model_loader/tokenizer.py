@@ -11,21 +11,21 @@ import os
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from radixserve.model_loader.gguf_loader import resolve_gguf_file
-from radixserve.server_args import ServerArgs
+from radixserve.configs.gguf_config import resolve_gguf_file
+from radixserve.configs.load_config import LoadConfig
 
 
-def get_tokenizer(server_args: ServerArgs) -> PreTrainedTokenizerBase:
-    path = str(server_args.tokenizer_path or server_args.model_path)
-    if path.endswith(".gguf") or (server_args.is_gguf and server_args.tokenizer_path is None):
+def get_tokenizer(load: LoadConfig) -> PreTrainedTokenizerBase:
+    path = str(load.tokenizer_path or load.model_path)
+    if path.endswith(".gguf") or (load.is_gguf and load.tokenizer_path is None):
         gguf_file = resolve_gguf_file(path)
         tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(gguf_file),
                                                   gguf_file=os.path.basename(gguf_file))
     else:
         tokenizer = AutoTokenizer.from_pretrained(
-            path, trust_remote_code=server_args.trust_remote_code)
-    if server_args.chat_template:
-        tokenizer.chat_template = load_chat_template(server_args.chat_template)
+            path, trust_remote_code=load.trust_remote_code)
+    if load.chat_template:
+        tokenizer.chat_template = load_chat_template(load.chat_template)
     return tokenizer
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from radixserve.core.forward_batch import ForwardBatch
 from radixserve.distributed.parallel_state import resolve_tp
 from radixserve.layers.layernorm import RMSNorm
 from radixserve.layers.linear import ColumnParallelLinear, RowParallelLinear
@@ -34,10 +35,9 @@ from radixserve.layers.replicated_linear import ReplicatedLinear
 from radixserve.layers.rotary_embedding import (RotaryEmbedding, get_rope, rope_params,
                                                 yarn_mscale)
 from radixserve.layers.vocab_embedding import VocabParallelEmbedding
-from radixserve.model_executor.forward_batch import ForwardBatch
-from radixserve.model_loader.weight_utils import ShardId, load_by_checkpoint_names
 from radixserve.models.llama import (LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP,
                                      LlamaModel, _checkpoint_names)
+from radixserve.models.weight_utils import ShardId, load_by_checkpoint_names
 
 # The reference's latent norms use RMSNorm's default epsilon, not config.rms_norm_eps.
 _LATENT_NORM_EPS = 1e-6
@@ -181,14 +181,10 @@ class DeepseekV2DecoderLayer(LlamaDecoderLayer):
 
     def __init__(self, config: PretrainedConfig, layer_id: int, rotary_emb: RotaryEmbedding,
                  v3: bool) -> None:
-        nn.Module.__init__(self)
-        self.self_attn = DeepseekV2Attention(config, layer_id, rotary_emb)
-        if is_moe_layer(config, layer_id):
-            self.mlp = DeepseekV2MoE(config, v3)
-        else:
-            self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self_attn = DeepseekV2Attention(config, layer_id, rotary_emb)
+        mlp = (DeepseekV2MoE(config, v3) if is_moe_layer(config, layer_id)
+               else LlamaMLP(config.hidden_size, config.intermediate_size))
+        self._init_blocks(config, self_attn, mlp)
 
 
 class DeepseekV2Model(LlamaModel):

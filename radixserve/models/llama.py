@@ -16,14 +16,14 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from radixserve.configs.model_config import head_dim_of
+from radixserve.core.forward_batch import ForwardBatch
 from radixserve.layers.layernorm import RMSNorm
 from radixserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                       RowParallelLinear)
 from radixserve.layers.radix_attention import RadixAttention
 from radixserve.layers.rotary_embedding import RotaryEmbedding, get_rope, rope_params
 from radixserve.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
-from radixserve.model_executor.forward_batch import ForwardBatch
-from radixserve.model_loader.weight_utils import load_by_checkpoint_names
+from radixserve.models.weight_utils import load_by_checkpoint_names
 
 # Our packed parameter <- the checkpoint's separate projections, with the shard id.
 _PACKED = {
@@ -100,10 +100,18 @@ def _o_bias(config: PretrainedConfig) -> bool:
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: PretrainedConfig, layer_id: int, rotary_emb: RotaryEmbedding,
                  qkv_bias: bool, qk_norm: bool) -> None:
-        super().__init__()
-        self.self_attn = LlamaAttention(config, layer_id, rotary_emb, qkv_bias, qk_norm)
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size,
-                            bias=bool(getattr(config, "mlp_bias", False)))
+        self._init_blocks(config,
+                          LlamaAttention(config, layer_id, rotary_emb, qkv_bias, qk_norm),
+                          LlamaMLP(config.hidden_size, config.intermediate_size,
+                                   bias=bool(getattr(config, "mlp_bias", False))))
+
+    def _init_blocks(self, config: PretrainedConfig, self_attn: nn.Module, mlp: nn.Module
+                     ) -> None:
+        """Set up the module with its two sub-blocks and the norms before each; subclasses
+        (MLA, MoE) build their own sub-blocks and reuse this and `forward`."""
+        nn.Module.__init__(self)
+        self.self_attn = self_attn
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 

@@ -21,9 +21,9 @@ from radixserve.layers.moe import FusedMoE, RoutingConfig, select_experts
 from radixserve.layers.replicated_linear import ReplicatedLinear
 from radixserve.layers.rotary_embedding import RotaryEmbedding, get_rope, rope_params
 from radixserve.layers.vocab_embedding import VocabParallelEmbedding
-from radixserve.model_loader.weight_utils import ShardId, load_by_checkpoint_names
 from radixserve.models.llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM,
                                      LlamaMLP, LlamaModel, _checkpoint_names)
+from radixserve.models.weight_utils import ShardId, load_by_checkpoint_names
 
 
 class Qwen2MoeSparseMoeBlock(nn.Module):
@@ -59,14 +59,10 @@ class Qwen2MoeDecoderLayer(LlamaDecoderLayer):
 
     def __init__(self, config: PretrainedConfig, layer_id: int, rotary_emb: RotaryEmbedding,
                  qkv_bias: bool, qk_norm: bool, shared_expert: bool) -> None:
-        nn.Module.__init__(self)
-        self.self_attn = LlamaAttention(config, layer_id, rotary_emb, qkv_bias, qk_norm)
-        if is_sparse_layer(config, layer_id):
-            self.mlp = Qwen2MoeSparseMoeBlock(config, shared_expert)
-        else:
-            self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self_attn = LlamaAttention(config, layer_id, rotary_emb, qkv_bias, qk_norm)
+        mlp = (Qwen2MoeSparseMoeBlock(config, shared_expert) if is_sparse_layer(config, layer_id)
+               else LlamaMLP(config.hidden_size, config.intermediate_size))
+        self._init_blocks(config, self_attn, mlp)
 
 
 class Qwen2MoeModel(LlamaModel):

@@ -19,7 +19,7 @@ import torch
 
 from radixserve.device_utils import host_to_device, to_device_async
 
-from radixserve.managers.schedule_batch import Req
+from radixserve.core.req import Req
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 from radixserve.device_utils import host_to_device
 
 from radixserve.constrained.xgrammar_backend import HostBitmasks, VocabMask, fill_vocab_mask
-from radixserve.managers.schedule_batch import Req
+from radixserve.core.req import Req
 from radixserve.sampling.penalties import PenaltyState
 
 # Seeds are reduced into [0, 2**62) so that the sentinel -1 can never collide with one.

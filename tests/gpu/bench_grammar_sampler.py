@@ -20,11 +20,11 @@ import triton.testing
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from radixserve.constrained.xgrammar_backend import VocabMask  # noqa: E402
+from radixserve.core.req import Req  # noqa: E402
+from radixserve.core.sampling_params import SamplingParams  # noqa: E402
 from radixserve.device_utils import to_device_beside  # noqa: E402
 from radixserve.layers.sampler import Sampler  # noqa: E402
-from radixserve.managers.schedule_batch import Req  # noqa: E402
 from radixserve.sampling.sampling_batch_info import SamplingBatchInfo  # noqa: E402
-from radixserve.sampling_params import SamplingParams  # noqa: E402
 
 DEV = torch.device("cuda")
 VOCAB = 151936

@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
     # interpreter mode, which tests/test_triton_kernels.py arranges when it comes first.
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
+from radixserve.core.forward_batch import ForwardMode  # noqa: E402
 from radixserve.layers.attention.torch_native import TorchNativeAttnBackend  # noqa: E402
 from radixserve.layers.attention.triton import TritonAttnBackend  # noqa: E402
 from radixserve.layers.attention.triton_ops.decode_attention import (  # noqa: E402
@@ -31,7 +32,6 @@ from radixserve.layers.triton_kernels.activation import silu_and_mul_reference  
 from radixserve.layers.triton_kernels.rmsnorm import (  # noqa: E402
     fused_add_rmsnorm_reference, rmsnorm_reference)
 from radixserve.layers.triton_kernels.rotary import apply_rotary_reference  # noqa: E402
-from radixserve.model_executor.forward_batch import ForwardMode  # noqa: E402
 from tests.test_triton_kernels import PagedKV, make_batch, randn, rel_err, run_backend  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,

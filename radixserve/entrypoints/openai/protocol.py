@@ -59,6 +59,9 @@ class ResponseFormat(RequestModel):
         return {"json_schema": schema}
 
 
+_MODEL_DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
 class _SamplingRequest(RequestModel):
     """The sampling fields both endpoints share; extras follow SGLang's names."""
 
@@ -86,14 +89,15 @@ class _SamplingRequest(RequestModel):
     def sampling_params(self, max_new_tokens: int | None) -> dict[str, Any]:
         """None for max_new_tokens means: whatever the context has left."""
         grammar = self.response_format.grammar() if self.response_format else {}
+        # Fields the model's generation_config.json may default (request_validation.py)
+        # are sent only when the client set them, so the model's defaults apply under
+        # the client's values, as on /generate and in the offline Engine.
+        model_defaultable = {name: getattr(self, name) for name in _MODEL_DEFAULTABLE
+                             if name in self.model_fields_set}
         return {**grammar,
             "max_new_tokens": max_new_tokens,
             "min_new_tokens": self.min_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "min_p": self.min_p,
-            "repetition_penalty": self.repetition_penalty,
+            **model_defaultable,
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
             "stop": self.stop,

@@ -23,19 +23,19 @@ from radixserve.entrypoints.openai.chat_output import (
 )
 from radixserve.entrypoints.openai.chat_tools import ToolPlan, plan_tools
 from radixserve.entrypoints.openai.protocol import (
-    SSE_DONE,
     ChatCompletionRequest,
-    error_body,
     finish_reason,
     matched_stop,
-    sse_event,
     usage,
 )
-from radixserve.entrypoints.openai.serving_completions import collect_outputs, rename_param
+from radixserve.entrypoints.openai.serving_completions import (
+    collect_outputs,
+    rename_param,
+    sse_events,
+)
 from radixserve.managers.tokenizer_manager import (
     GenerateReqInput,
     InvalidRequestError,
-    ServerDeadError,
     TokenizerManager,
 )
 from radixserve.parsers import get_reasoning_parser
@@ -95,7 +95,9 @@ async def create_chat_completion(tm: TokenizerManager, req: ChatCompletionReques
             "model": tm.served_model_name}
     parsers = output_parsers(tm, req, plan)
     if req.stream:
-        return StreamingResponse(_stream(outputs, req, head, parsers),
+        return StreamingResponse(sse_events(_chunks(outputs, req, parsers),
+                                            {**head, "object": "chat.completion.chunk"}, req,
+                                            PARAM_NAMES),
                                  media_type="text/event-stream")
     results = await collect_outputs(outputs, PARAM_NAMES)
     choices = [_choice(out, req, parsers) for out in results]
@@ -134,39 +136,27 @@ def _token(text: str | None, logprob: float) -> dict[str, Any]:
     return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
 
-async def _stream(outputs: AsyncIterator[dict[str, Any]], req: ChatCompletionRequest,
-                  head: dict[str, Any], parsers: OutputParsers) -> AsyncIterator[str]:
-    head = {**head, "object": "chat.completion.chunk"}
+async def _chunks(outputs: AsyncIterator[dict[str, Any]], req: ChatCompletionRequest,
+                  parsers: OutputParsers) -> AsyncIterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(output, choice delta) per streamed output, for sse_events."""
     sent_logprobs: dict[int, int] = {}
     messages: dict[int, MessageStream] = {}
-    finals: list[dict[str, Any]] = []
-    try:
-        async with aclosing(outputs) as gen:
-            async for out in gen:
-                index, meta = out["index"], out["meta_info"]
-                if index not in messages:
-                    messages[index] = MessageStream(parsers)
-                message = messages[index]
-                delta = message.feed(out["delta"], final=out["finished"])
-                if index not in sent_logprobs:
-                    delta["role"] = "assistant"
-                logprobs = None
-                if req.logprobs:
-                    logprobs = chat_logprobs(meta, sent_logprobs.get(index, 0))
-                sent_logprobs[index] = len(meta.get("output_token_logprobs", []))
-                reason = None
-                if out["finished"]:
-                    finals.append(out)
-                    reason = chat_finish_reason(finish_reason(meta), message.made_calls)
-                choice = {"index": index, "delta": delta, "logprobs": logprobs,
-                          "finish_reason": reason,
-                          "matched_stop": matched_stop(meta) if reason else None}
-                yield sse_event({**head, "choices": [choice]})
-        if req.include_usage:
-            yield sse_event({**head, "choices": [], "usage": usage(finals, req.n)})
-    except InvalidRequestError as exc:
-        exc = _renamed(exc)
-        yield sse_event(error_body(exc.message, exc.param, 400))
-    except ServerDeadError as exc:
-        yield sse_event(error_body(str(exc), None, 503, "server_error"))
-    yield SSE_DONE
+    async with aclosing(outputs) as gen:
+        async for out in gen:
+            index, meta = out["index"], out["meta_info"]
+            if index not in messages:
+                messages[index] = MessageStream(parsers)
+            message = messages[index]
+            delta = message.feed(out["delta"], final=out["finished"])
+            if index not in sent_logprobs:
+                delta["role"] = "assistant"
+            logprobs = None
+            if req.logprobs:
+                logprobs = chat_logprobs(meta, sent_logprobs.get(index, 0))
+            sent_logprobs[index] = len(meta.get("output_token_logprobs", []))
+            reason = None
+            if out["finished"]:
+                reason = chat_finish_reason(finish_reason(meta), message.made_calls)
+            yield out, {"index": index, "delta": delta, "logprobs": logprobs,
+                        "finish_reason": reason,
+                        "matched_stop": matched_stop(meta) if reason else None}

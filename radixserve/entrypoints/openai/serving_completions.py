@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from radixserve.entrypoints.openai.protocol import (
     SSE_DONE,
+    ChatCompletionRequest,
     CompletionRequest,
     error_body,
     finish_reason,
@@ -51,6 +52,31 @@ async def collect_outputs(outputs: AsyncIterator[dict[str, Any]],
     return results
 
 
+async def sse_events(chunks: AsyncIterator[tuple[dict[str, Any], dict[str, Any]]],
+                     head: dict[str, Any], req: CompletionRequest | ChatCompletionRequest,
+                     names: dict[str, str]) -> AsyncIterator[str]:
+    """A streamed request's events, from its (output, choice delta) pairs: a chunk per
+    choice, the usage chunk if asked for, then [DONE]. The response has begun by the time
+    a bad request (renamed by `names`) or a dead server shows, so they end it as an
+    error event rather than an HTTP status."""
+    finals: list[dict[str, Any]] = []
+    try:
+        # Closing this stream early (a client hang-up) closes `chunks` and so the outputs.
+        async with aclosing(chunks) as gen:
+            async for out, choice in gen:
+                if out["finished"]:
+                    finals.append(out)
+                yield sse_event({**head, "choices": [choice]})
+        if req.include_usage:
+            yield sse_event({**head, "choices": [], "usage": usage(finals, req.n)})
+    except InvalidRequestError as exc:
+        exc = rename_param(exc, names)
+        yield sse_event(error_body(exc.message, exc.param, 400))
+    except ServerDeadError as exc:
+        yield sse_event(error_body(str(exc), None, 503, "server_error"))
+    yield SSE_DONE
+
+
 async def create_completion(tm: TokenizerManager, req: CompletionRequest,
                             request: Request) -> Response:
     texts, ids = _split_prompt(req.prompt)
@@ -69,7 +95,8 @@ async def create_completion(tm: TokenizerManager, req: CompletionRequest,
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
             "created": int(time.time()), "model": tm.served_model_name}
     if req.stream:
-        return StreamingResponse(_stream(outputs, req, prompts, head),
+        return StreamingResponse(sse_events(_chunks(outputs, req, prompts), head, req,
+                                            PARAM_NAMES),
                                  media_type="text/event-stream")
     results = await collect_outputs(outputs, PARAM_NAMES)
     choices = [_choice(out, req, prompts[out["index"] // req.n]) for out in results]
@@ -122,38 +149,26 @@ def completion_logprobs(entries: list[list[Any]], tops: list[Any],
             "text_offset": offsets}
 
 
-async def _stream(outputs: AsyncIterator[dict[str, Any]], req: CompletionRequest,
-                  prompts: list[str], head: dict[str, Any]) -> AsyncIterator[str]:
+async def _chunks(outputs: AsyncIterator[dict[str, Any]], req: CompletionRequest,
+                  prompts: list[str]) -> AsyncIterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(output, choice delta) per streamed output, for sse_events."""
     sent_logprobs: dict[int, int] = {}
     offsets: dict[int, int] = {}
-    finals: list[dict[str, Any]] = []
-    try:
-        async with aclosing(outputs) as gen:
-            async for out in gen:
-                index, meta = out["index"], out["meta_info"]
-                first = index not in sent_logprobs
-                text = prompts[index // req.n] + out["delta"] if req.echo and first else out["delta"]
-                logprobs = None
-                if req.logprobs is not None:
-                    entries, tops = _logprob_entries(meta, req.echo and first,
-                                                     sent_logprobs.get(index, 0))
-                    logprobs = completion_logprobs(entries, tops, offsets.get(index, 0))
-                    offsets[index] = offsets.get(index, 0) + len(text)
-                    sent_logprobs[index] = len(meta.get("output_token_logprobs", []))
-                else:
-                    sent_logprobs[index] = 0
-                if out["finished"]:
-                    finals.append(out)
-                reason = finish_reason(meta) if out["finished"] else None
-                choice = {"index": index, "text": text, "logprobs": logprobs,
-                          "finish_reason": reason,
-                          "matched_stop": matched_stop(meta) if reason else None}
-                yield sse_event({**head, "choices": [choice]})
-        if req.include_usage:
-            yield sse_event({**head, "choices": [], "usage": usage(finals, req.n)})
-    except InvalidRequestError as exc:
-        exc = rename_param(exc, PARAM_NAMES)
-        yield sse_event(error_body(exc.message, exc.param, 400))
-    except ServerDeadError as exc:
-        yield sse_event(error_body(str(exc), None, 503, "server_error"))
-    yield SSE_DONE
+    async with aclosing(outputs) as gen:
+        async for out in gen:
+            index, meta = out["index"], out["meta_info"]
+            first = index not in sent_logprobs
+            text = prompts[index // req.n] + out["delta"] if req.echo and first else out["delta"]
+            logprobs = None
+            if req.logprobs is not None:
+                entries, tops = _logprob_entries(meta, req.echo and first,
+                                                 sent_logprobs.get(index, 0))
+                logprobs = completion_logprobs(entries, tops, offsets.get(index, 0))
+                offsets[index] = offsets.get(index, 0) + len(text)
+                sent_logprobs[index] = len(meta.get("output_token_logprobs", []))
+            else:
+                sent_logprobs[index] = 0
+            reason = finish_reason(meta) if out["finished"] else None
+            yield out, {"index": index, "text": text, "logprobs": logprobs,
+                        "finish_reason": reason,
+                        "matched_stop": matched_stop(meta) if reason else None}

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from radixserve.layers.attention.kv_write import KVWrite
+    from radixserve.core.forward_batch import ForwardBatch
+    from radixserve.layers.kv_write import KVWrite
     from radixserve.layers.radix_attention import RadixAttention
-    from radixserve.model_executor.forward_batch import ForwardBatch
 
 
 class AttentionBackend(ABC):

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from radixserve.core.forward_batch import ForwardBatch
     from radixserve.layers.radix_attention import RadixAttention
-    from radixserve.model_executor.forward_batch import ForwardBatch
 
 # cache rows [N, kv_lora_rank + rope] -> (K [N, H, qk_head_dim], V [N, H, v_head_dim])
 ExpandFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from radixserve.core.forward_batch import ForwardBatch
 from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.radix_attention import RadixAttention
-from radixserve.model_executor.forward_batch import ForwardBatch
 
 
 class TorchNativeAttnBackend(AttentionBackend):

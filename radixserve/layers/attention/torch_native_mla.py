@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from radixserve.core.forward_batch import ForwardBatch
 from radixserve.layers.attention.mla import ExpandFn, MLAAttnBackend
 from radixserve.layers.attention.torch_native import TorchNativeAttnBackend, _attend
 from radixserve.layers.radix_attention import RadixAttention
-from radixserve.model_executor.forward_batch import ForwardBatch
 
 
 class TorchNativeMLABackend(TorchNativeAttnBackend, MLAAttnBackend):

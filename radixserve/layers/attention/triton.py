@@ -22,26 +22,26 @@ q, k, v and the KV pool must share one dtype (bf16, fp16 or fp32).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 
+from radixserve.core.forward_batch import ForwardBatch
+from radixserve.envs import envs
 from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.attention.cascade import KV_START, PERM, TILE_COUNT, TILE_START
-from radixserve.layers.attention.kv_write import KVWrite
 from radixserve.layers.attention.triton_ops.decode_attention import (
     CascadeInputs, alloc_decode_scratch, cascade_tile_size, choose_max_kv_splits,
     decode_attention_fwd, head_block_size, min_split_tokens, num_sms)
 from radixserve.layers.attention.triton_ops.extend_attention import extend_attention_fwd
 from radixserve.layers.attention.triton_ops.kv_store import store_kv
+from radixserve.layers.kv_write import KVWrite
 from radixserve.layers.radix_attention import RadixAttention
-from radixserve.model_executor.forward_batch import ForwardBatch
 
 
 # RADIXSERVE_DISABLE_ROPE_KV_WRITE=1 keeps the KV store a launch of its own (A/B timing).
-FUSE_KV_WRITE = os.environ.get("RADIXSERVE_DISABLE_ROPE_KV_WRITE", "0") != "1"
+FUSE_KV_WRITE = not envs.RADIXSERVE_DISABLE_ROPE_KV_WRITE.get()
 
 
 @dataclass(slots=True)
@@ -109,9 +109,6 @@ class TritonAttnBackend(AttentionBackend):
 
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         fb = forward_batch
-        if fb.forward_mode.is_idle():
-            fb.attn_metadata = None
-            return
         if fb.forward_mode.is_decode():
             mid_o, mid_lse = alloc_decode_scratch(fb.batch_size, self.num_heads, self.v_head_dim,
                                                   self.splits_for(fb.batch_size), self.device)
@@ -148,7 +145,7 @@ class TritonAttnBackend(AttentionBackend):
                         ) -> KVWrite | None:
         # The pool slots `_store` would write, in the layout it writes.
         fb = forward_batch
-        if not FUSE_KV_WRITE or fb.forward_mode.is_idle() or fb.out_cache_loc is None:
+        if not FUSE_KV_WRITE or fb.out_cache_loc is None:
             return None
         pool = fb.token_to_kv_pool
         return KVWrite(pool.get_key_buffer(layer.layer_id),

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from radixserve.core.forward_batch import ForwardBatch
 from radixserve.layers.attention.mla import ExpandFn, MLAAttnBackend
 from radixserve.layers.attention.triton import ExtendMetadata, TritonAttnBackend
 from radixserve.layers.attention.triton_ops.extend_attention import extend_attention_fwd
 from radixserve.layers.attention.triton_ops.kv_store import store_kv
 from radixserve.layers.attention.triton_ops.mla_decode import MLA_BLOCK_H, mla_decode_fwd
 from radixserve.layers.radix_attention import RadixAttention
-from radixserve.model_executor.forward_batch import ForwardBatch
 
 
 @dataclass(slots=True)
@@ -47,7 +47,7 @@ class TritonMLABackend(TritonAttnBackend, MLAAttnBackend):
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         super().init_forward_metadata(forward_batch)
         fb = forward_batch
-        if fb.forward_mode.is_idle() or fb.forward_mode.is_decode():
+        if fb.forward_mode.is_decode():
             return
         prefix_lens = fb.extend_prefix_lens_cpu
         max_prefix = max(prefix_lens, default=0)

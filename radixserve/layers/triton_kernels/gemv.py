@@ -222,8 +222,8 @@ def default_config(m: int, n: int, k: int) -> GemvConfig:
     K >= 4096, 8 x 1024 below): many programs, each streaming 16 KB per step, keep the
     most loads in flight. Where N <= 1,024 and K < 4,096 (the 0.6B model's o and down
     projections), 8-row tiles give fewer programs than an H100 has SMs: 4-row tiles up
-    to K = 2,048, 8 warps per program above (Qwen3-0.6B decode-bs1: 904 -> 880 us per CUDA-graph
-    step, the same run). More rows: the tensor-core kernel with 64 x 256 tiles, four
+    to K = 2,048, 8 warps per program above (the decode-bs1 step it saves is in
+    docs/benchmarks.md). More rows: the tensor-core kernel with 64 x 256 tiles, four
     stages deep. Split-K only where N alone gives too few programs (the 0.6B model's o
     and down).
     """

@@ -1,5 +1,5 @@
 """Writing one token's k and v into a KV pool slot from inside another per-token kernel
-(the rotary kernels; attention/kv_write.py): the launch arguments and the stores they
+(the rotary kernels; layers/kv_write.py): the launch arguments and the stores they
 share."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from radixserve.layers.attention.kv_write import KVWrite
+from radixserve.layers.kv_write import KVWrite
 
 
 def kv_write_kernel_args(kv_write: KVWrite | None, k: torch.Tensor, v: torch.Tensor | None,

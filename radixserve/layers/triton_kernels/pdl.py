@@ -20,16 +20,17 @@ RADIXSERVE_DISABLE_PDL=1 (for A/B timing).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from radixserve.envs import envs
+
 
 @functools.cache
 def _enabled(device_index: int) -> bool:
-    if os.environ.get("RADIXSERVE_DISABLE_PDL", "0") == "1":
+    if envs.RADIXSERVE_DISABLE_PDL.get():
         return False
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from radixserve.layers.attention.kv_write import KVWrite, check_kv_write
+from radixserve.layers.kv_write import KVWrite, check_kv_write
 from radixserve.layers.triton_kernels.kv_row import (
     copy_row_to_pool, kv_write_kernel_args, store_heads_to_pool)
 from radixserve.layers.triton_kernels.pdl import pdl_kwargs, pdl_launch_dependents, pdl_wait

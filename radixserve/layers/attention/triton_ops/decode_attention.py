@@ -53,9 +53,8 @@ def min_split_tokens(device: torch.device, programs: int | None = None) -> int:
     quarter of the GPU's SMs (batches of a few requests), splits of 256 tokens leave
     most SMs idle and each program streams its whole slice alone: 64-token splits
     (one step of the bf16 block) spread a short context over more SMs, and the extra
-    partial results are few at such batch sizes (Qwen3-0.6B decode-bs1 on an H100:
-    stage 1 took 120 instead of 201 us per step). Without `programs`: the large-batch
-    bound.
+    partial results are few at such batch sizes (docs/benchmarks.md has the stage-1
+    times at decode-bs1). Without `programs`: the large-batch bound.
     """
     if device.type != "cuda":
         return 16

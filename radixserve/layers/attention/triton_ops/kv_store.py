@@ -5,7 +5,7 @@ One launch moves both k and v and casts to the pool's dtype on the way, where
 when dtypes differ). Decode runs this once per layer per step, so launches count.
 
 Where a per-token kernel already holds the new k (the rotary kernels), it writes k and
-v to the pool itself (attention/kv_write.py) and this launch is skipped.
+v to the pool itself (layers/kv_write.py) and this launch is skipped.
 """
 
 from __future__ import annotations

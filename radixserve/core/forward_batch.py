@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum, auto
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
-    from radixserve.layers.attention.cascade import CascadePlan
+    from radixserve.core.req import Req
     from radixserve.layers.attention.base import AttentionBackend
-    from radixserve.managers.schedule_batch import Req
+    from radixserve.layers.attention.cascade import CascadePlan
     from radixserve.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 
 
@@ -19,7 +19,6 @@ class ForwardMode(IntEnum):
     EXTEND = auto()  # prefill (or a prefill chunk), possibly on top of a cached prefix
     DECODE = auto()  # one new token per request
     MIXED = auto()  # one prefill chunk plus decodes, run as an extend of length 1 for those
-    IDLE = auto()  # nothing to run (a data-parallel rank with no work)
 
     def is_extend(self) -> bool:
         return self in (ForwardMode.EXTEND, ForwardMode.MIXED)
@@ -29,9 +28,6 @@ class ForwardMode(IntEnum):
 
     def is_mixed(self) -> bool:
         return self == ForwardMode.MIXED
-
-    def is_idle(self) -> bool:
-        return self == ForwardMode.IDLE
 
 
 @dataclass
@@ -67,7 +63,6 @@ class ForwardBatch:
     cascade_inputs: torch.Tensor | None = None
     # Attention backends keep their per-batch metadata here.
     attn_metadata: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:

@@ -1,13 +1,12 @@
-"""Req (one request's state) and ScheduleBatch (the scheduler's view of a batch)."""
+"""Req: one request's state, from admission to finish."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from radixserve.sampling_params import SamplingParams
+from radixserve.core.sampling_params import SamplingParams
 
 
 class Req:
@@ -128,23 +127,3 @@ class Req:
     def __repr__(self) -> str:
         return (f"Req(rid={self.rid}, input={len(self.origin_input_ids)}, "
                 f"output={len(self.output_ids)}, prefix={len(self.prefix_indices)})")
-
-
-@dataclass
-class ScheduleBatch:
-    """A list of requests run together in one forward, and their new KV slots."""
-
-    reqs: list[Req]
-    forward_mode: Any  # ForwardMode
-    # Set by the scheduler when it prepares the batch:
-    out_cache_loc: torch.Tensor | None = None
-    # Number of leading reqs that are decodes in a MIXED batch (0 otherwise).
-    num_decode_reqs: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.reqs)
-
-    def is_empty(self) -> bool:
-        return not self.reqs

@@ -165,7 +165,7 @@ def run_on_tp_ranks(target: Callable[..., None], server_args: ServerArgs, *args:
     for p in procs:
         p.start()
     try:
-        init_tp_group(server_args, 0, addr)
+        init_tp_group(server_args.parallel_config(), 0, addr)
         target(server_args, *args)
         for p in procs:
             p.join()
@@ -182,5 +182,5 @@ def _tp_rank_entry(target: Callable[..., None], server_args: ServerArgs, tp_rank
                    addr: str, args: tuple) -> None:
     from radixserve.distributed.parallel_state import init_tp_group
 
-    init_tp_group(server_args, tp_rank, addr)
+    init_tp_group(server_args.parallel_config(), tp_rank, addr)
     target(server_args, *args)

@@ -1,0 +1,292 @@
+"""One request validation path for every entry point.
+
+The HTTP server (TokenizerManager), the offline Engine (generate / async_generate) and
+the Scheduler (a last-line check on what arrives over IPC) all check requests with the
+same `RequestValidator`, built from the same `ModelLimits`. So the same bad request
+gives the same error (message and param) everywhere; the Engine raises it as the
+ValueError it is (InvalidRequestError subclasses ValueError), the server answers 400
+naming `param`.
+
+The rules:
+  * the model's generation defaults (generation_config.json: temperature, top_p, top_k,
+    min_p, repetition_penalty) apply under the request's own sampling values;
+  * top_logprobs_num is an integer in [0, MAX_TOP_LOGPROBS];
+  * a prompt is non-empty, its ids lie in [0, vocab_size), it is shorter than the
+    context length, and it fits the KV cache with one token to spare;
+  * with return_logprob, logprob_start_len is smaller than the prompt length;
+  * max_new_tokens: an explicit value larger than the room left in the context is an
+    error; a missing one is the default (128) clipped to that room; an explicit null
+    means the room (OpenAI's meaning of a missing max_tokens).
+
+This module imports neither torch nor the model code: the API server process uses it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Sequence
+
+from radixserve.core.sampling_params import SamplingParams
+from radixserve.managers.io_struct import TokenizedGenerateReqInput
+
+if TYPE_CHECKING:
+    from radixserve.configs.model_config import ModelConfig
+
+MAX_TOP_LOGPROBS = 20
+_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+# Keys whose explicit None still means something (not "use the default").
+_NONE_MEANS_SOMETHING = {"max_new_tokens", "stop", "seed"}
+
+Prompt = tuple[str | None, list[int]]  # (text if given as text, token ids)
+
+
+class InvalidRequestError(ValueError):
+    """A client error: the HTTP layer answers 400 with `param` as the field name."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What validation needs to know about the model and the KV cache."""
+
+    context_len: int
+    vocab_size: int
+    max_total_num_tokens: int
+    eos_token_ids: tuple[int, ...] = ()
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+
+    def to_model_info(self) -> dict[str, Any]:
+        """The plain dict the server's scheduler process reports at startup."""
+        return {"context_len": self.context_len, "vocab_size": self.vocab_size,
+                "max_total_num_tokens": self.max_total_num_tokens,
+                "eos_token_ids": list(self.eos_token_ids),
+                "generation_defaults": dict(self.generation_defaults)}
+
+    @classmethod
+    def from_model_info(cls, info: dict[str, Any]) -> "ModelLimits":
+        return cls(context_len=int(info["context_len"]), vocab_size=int(info["vocab_size"]),
+                   max_total_num_tokens=int(info["max_total_num_tokens"]),
+                   eos_token_ids=tuple(int(t) for t in info.get("eos_token_ids") or ()),
+                   generation_defaults=dict(info.get("generation_defaults") or {}))
+
+
+def limits_from(model_config: "ModelConfig", max_total_num_tokens: int) -> ModelLimits:
+    """ModelLimits of a model served with a KV cache of `max_total_num_tokens` tokens."""
+    return ModelLimits(
+        context_len=int(model_config.context_len),
+        vocab_size=int(model_config.vocab_size),
+        max_total_num_tokens=int(max_total_num_tokens),
+        eos_token_ids=tuple(sorted(int(t) for t in (model_config.eos_token_ids or ()))),
+        generation_defaults=dict(model_config.generation_defaults or {}),
+    )
+
+
+def parse_prompts(text: Any, input_ids: Any) -> tuple[list[str] | list[list[int]], bool]:
+    """Check the shape of text / input_ids: (the prompts, whether a single one was given)."""
+    if (text is None) == (input_ids is None):
+        raise InvalidRequestError("exactly one of text (prompt) and input_ids must be given",
+                                  "text")
+    if text is not None:
+        texts = [text] if isinstance(text, str) else text
+        if not isinstance(texts, list) or not texts or not all(
+                isinstance(t, str) for t in texts):
+            raise InvalidRequestError("text must be a string or a non-empty list of strings",
+                                      "text")
+        return list(texts), isinstance(text, str)
+    ids = input_ids
+    single = not (isinstance(ids, list) and ids and isinstance(ids[0], list))
+    batch = [ids] if single else ids
+    for seq in batch:
+        if not isinstance(seq, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in seq):
+            raise InvalidRequestError(
+                "input_ids must be a list of integers or a list of such lists", "input_ids")
+    return [list(seq) for seq in batch], single
+
+
+def tokenize_prompts(prompts: Sequence[str] | Sequence[list[int]], tokenizer: Any) -> list[Prompt]:
+    """(text, ids) per prompt; text prompts need a tokenizer."""
+    out: list[Prompt] = []
+    for p in prompts:
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise InvalidRequestError("text needs a tokenizer (skip_tokenizer_init is "
+                                          "set); send input_ids", "text")
+            out.append((p, list(tokenizer.encode(p))))
+        else:
+            out.append((None, list(p)))
+    return out
+
+
+class RequestValidator:
+    """Checks requests against one model's limits and builds what the scheduler runs."""
+
+    def __init__(self, limits: ModelLimits) -> None:
+        self.limits = limits
+
+    # --- whole requests -----------------------------------------------------------
+
+    def prepare(self, text: Any, input_ids: Any, tokenizer: Any,
+                sampling_params: Any = None, *, return_logprob: bool = False,
+                logprob_start_len: int | None = None, top_logprobs_num: int | None = 0,
+                stream: bool = False, rid: str | None = None,
+                ) -> tuple[list[TokenizedGenerateReqInput], bool]:
+        """parse_prompts + tokenize_prompts + build; also says whether one prompt was
+        given (an n > 1 request still gives several outputs)."""
+        prompts, single = parse_prompts(text, input_ids)
+        reqs = self.build(tokenize_prompts(prompts, tokenizer), sampling_params,
+                          return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+                          top_logprobs_num=top_logprobs_num, stream=stream, rid=rid)
+        return reqs, single
+
+    def build(self, prompts: Sequence[Prompt], sampling_params: Any = None, *,
+              return_logprob: bool = False, logprob_start_len: int | None = None,
+              top_logprobs_num: int | None = 0, stream: bool = False,
+              rid: str | None = None) -> list[TokenizedGenerateReqInput]:
+        """Validate tokenized prompts with their sampling params (a dict, a
+        SamplingParams, None, or a list of those, one per prompt) and expand n.
+
+        rids: `rid` (a fresh uuid when None) for a single output, else
+        f"{rid}-{index}" with index = running count over prompts and their n samples.
+        Sample j of a prompt has its seed offset by j.
+        """
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(prompts):
+                raise InvalidRequestError(f"sampling_params has {len(sampling_params)} entries "
+                                          f"for {len(prompts)} prompts", "sampling_params")
+            raw_list = list(sampling_params)
+        else:
+            raw_list = [sampling_params] * len(prompts)
+        parsed = [self.sampling_params(raw) for raw in raw_list]
+        top = self.check_top_logprobs_num(top_logprobs_num)
+        start = self.check_logprob_start_len(logprob_start_len) if return_logprob else -1
+        if rid is not None and not isinstance(rid, str):
+            raise InvalidRequestError("rid must be a string", "rid")
+        base_rid = rid or uuid.uuid4().hex
+        total = sum(params.n for params, _ in parsed)
+        reqs: list[TokenizedGenerateReqInput] = []
+        for (text, ids), (params, budget) in zip(prompts, parsed):
+            self.check_prompt_ids(ids)
+            req_params = self.fit_max_new_tokens(params, len(ids), budget)
+            if return_logprob and start >= len(ids):
+                raise InvalidRequestError(
+                    f"logprob_start_len ({start}) must be smaller than the "
+                    f"prompt length ({len(ids)})", "logprob_start_len")
+            for j in range(params.n):
+                index = len(reqs)
+                reqs.append(TokenizedGenerateReqInput(
+                    rid=base_rid if total == 1 else f"{base_rid}-{index}",
+                    input_text=text,
+                    input_ids=list(ids),
+                    sampling_params=req_params.copy_with_seed_offset(j),
+                    return_logprob=bool(return_logprob),
+                    logprob_start_len=start,
+                    top_logprobs_num=top,
+                    stream=bool(stream),
+                ))
+        return reqs
+
+    def check_tokenized(self, req: TokenizedGenerateReqInput) -> None:
+        """The scheduler's last-line check of a request that arrived over IPC."""
+        self.check_prompt_ids(req.input_ids)
+
+    # --- pieces -------------------------------------------------------------------
+
+    def check_prompt_ids(self, ids: list[int]) -> None:
+        lim = self.limits
+        if not ids:
+            raise InvalidRequestError("the prompt is empty: give at least one token", "prompt")
+        bad = [t for t in ids if not 0 <= t < lim.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"input_ids contains token ids outside "
+                                      f"[0, {lim.vocab_size}): {bad[:5]}", "input_ids")
+        if len(ids) >= lim.context_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens; the model's context length is "
+                f"{lim.context_len} (at least one token must be left to generate)", "prompt")
+        if len(ids) + 1 > lim.max_total_num_tokens:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens but the KV cache holds only "
+                f"{lim.max_total_num_tokens}; raise --max-total-tokens", "prompt")
+
+    def check_top_logprobs_num(self, value: Any) -> int:
+        if value is None:
+            return 0
+        if not isinstance(value, int) or isinstance(value, bool) or not (
+                0 <= value <= MAX_TOP_LOGPROBS):
+            raise InvalidRequestError(
+                f"top_logprobs_num must be an integer in [0, {MAX_TOP_LOGPROBS}], "
+                f"got {value!r}", "top_logprobs_num")
+        return value
+
+    def check_logprob_start_len(self, value: Any) -> int:
+        """-1 (or None): no prompt logprobs; else the first prompt position to score."""
+        if value is None:
+            return -1
+        if not isinstance(value, int) or isinstance(value, bool) or value < -1:
+            raise InvalidRequestError(
+                f"logprob_start_len must be an integer >= -1, got {value!r}",
+                "logprob_start_len")
+        return value
+
+    def sampling_params(self, raw: Any) -> tuple[SamplingParams, str]:
+        """Parse and check (the model's generation defaults under the request's values);
+        also say where max_new_tokens came from: "explicit", "default", or "room" (an
+        explicit null)."""
+        if isinstance(raw, SamplingParams):
+            params = raw.copy_with_seed_offset(0)
+            params.n = raw.n
+            return self._checked(params), "explicit"
+        if raw is not None and not isinstance(raw, dict):
+            raise InvalidRequestError("sampling_params must be an object", "sampling_params")
+        raw = dict(raw or {})
+        if "max_new_tokens" not in raw:
+            budget = "default"
+        else:
+            budget = "room" if raw["max_new_tokens"] is None else "explicit"
+        # A null means "not given" (except where null has a meaning of its own), so the
+        # model's default applies under it.
+        given = {k: v for k, v in raw.items() if v is not None or k in _NONE_MEANS_SOMETHING}
+        merged = {**self.limits.generation_defaults, **given}
+        try:
+            params = SamplingParams.from_dict(merged)
+        except (TypeError, ValueError) as exc:
+            raise _sampling_error(exc) from exc
+        return self._checked(params), budget
+
+    def fit_max_new_tokens(self, params: SamplingParams, prompt_len: int,
+                           budget: str) -> SamplingParams:
+        context_len = self.limits.context_len
+        room = context_len - prompt_len
+        if budget == "explicit" and params.max_new_tokens > room:
+            raise InvalidRequestError(
+                f"max_new_tokens ({params.max_new_tokens}) is more than the "
+                f"{room} tokens left in the context ({context_len}) after the "
+                f"{prompt_len}-token prompt", "max_new_tokens")
+        if budget == "explicit" or (budget == "default" and params.max_new_tokens <= room):
+            return params
+        fitted = params.copy_with_seed_offset(0)
+        fitted.n = params.n
+        fitted.max_new_tokens = room
+        fitted.min_new_tokens = min(fitted.min_new_tokens, room)
+        return fitted
+
+    @staticmethod
+    def _checked(params: SamplingParams) -> SamplingParams:
+        try:
+            params.verify()
+            params.normalize()
+        except (TypeError, ValueError) as exc:
+            raise _sampling_error(exc) from exc
+        return params
+
+
+def _sampling_error(exc: Exception) -> InvalidRequestError:
+    message = str(exc)
+    name = message.split(" ", 1)[0].rstrip(":")
+    return InvalidRequestError(message, name if name in _SAMPLING_FIELDS else "sampling_params")
