@@ -52,13 +52,8 @@ class ForwardBatch:
     # Which rows of the hidden states produce logits: the last token of each request,
     # plus every prompt position for requests that asked for prompt logprobs.
     logits_indices: torch.Tensor | None = None
-    # Decode only: the device tensor [5, batch] that input_ids, positions,
-    # req_pool_indices, seq_lens and out_cache_loc are rows of (in that order), uploaded
-    # in one copy; the CUDA graph runner copies it into its buffers in one copy too.
-    # With a cascade plan it has the plan's four rows after those ([9, batch]).
-    packed_decode_inputs: torch.Tensor | None = None
     # Decode only, with a cascade (attention/cascade.py): the plan's host tensors and
-    # its rows on the device (rows 5..8 of packed_decode_inputs).
+    # its rows on the device (rows 5..8 of the block fill_decode_inputs writes).
     cascade_plan: "CascadePlan | None" = None
     cascade_inputs: torch.Tensor | None = None
     # Attention backends keep their per-batch metadata here.
@@ -72,9 +67,10 @@ class ForwardBatch:
 def fill_decode_inputs(host: torch.Tensor, reqs: list[Req], out_cache_loc: torch.Tensor,
                        plan: CascadePlan | None) -> None:
     """Write a decode batch's inputs into the first len(reqs) columns of `host`, an int64
-    CPU tensor of at least 5 rows, in the row order of ForwardBatch.packed_decode_inputs:
-    input_ids, positions, req_pool_indices, seq_lens, out_cache_loc (host slots), then,
-    where `host` has the rows, the cascade plan's four (zeros without a plan)."""
+    CPU tensor of at least 5 rows, one row each: input_ids, positions, req_pool_indices,
+    seq_lens, out_cache_loc (host slots), then, where `host` has the rows, the cascade
+    plan's four (zeros without a plan). The block goes to the device in one copy, and
+    the ForwardBatch's decode tensors are its rows."""
     h = host.numpy()
     bs = len(reqs)
     h[0, :bs] = [r.output_ids[-1] for r in reqs]

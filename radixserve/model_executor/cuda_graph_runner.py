@@ -67,7 +67,7 @@ class CudaGraphRunner:
         self.device = dev
         self.fill_seq_len = attn_backend.get_cuda_graph_seq_len_fill_value()
         # The graph's inputs: for each captured size P, a contiguous [rows, P] block at the
-        # start of one flat buffer (rows in the order of ForwardBatch.packed_decode_inputs),
+        # start of one flat buffer (rows in the order fill_decode_inputs writes them),
         # so that a replay fills them with one host-to-device copy. Padded columns: token
         # 0 at position 0 of request row 0, written to slot 0. With cascade attention,
         # four more rows carry a batch's cascade plan (attention/cascade.py); padded

@@ -88,10 +88,10 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.disable_cuda_graph:
             target = GraphTarget(self.model, self.attn_backend, self.req_to_token_pool,
                                  self.token_to_kv_pool, self.future, self.tp_group)
+            max_bs = min(config.cuda_graph_max_bs or DEFAULT_MAX_BS, self.max_running_requests)
             self.cuda_graph_runner = CudaGraphRunner(
-                target, max_bs=min(config.cuda_graph_max_bs or DEFAULT_MAX_BS,
-                           self.max_running_requests),
-                vocab_size=model_config.vocab_size, cascade=self.cascade_planner is not None)
+                target, max_bs=max_bs, vocab_size=model_config.vocab_size,
+                cascade=self.cascade_planner is not None)
 
     # --- memory -------------------------------------------------------------------
 
@@ -194,7 +194,7 @@ class ModelRunner:
                 seq_lens=seq_lens, out_cache_loc=out_loc,
                 seq_lens_cpu=seq_lens_cpu, req_to_token_pool=self.req_to_token_pool,
                 token_to_kv_pool=self.token_to_kv_pool, attn_backend=self.attn_backend,
-                packed_decode_inputs=packed, cascade_plan=plan,
+                cascade_plan=plan,
                 cascade_inputs=None if plan is None else packed[5:])
         rows = [r.req_pool_idx for r in reqs]
         prefix_lens = [r.kv_committed_len for r in reqs]
