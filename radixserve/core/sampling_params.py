@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -59,7 +60,17 @@ class SamplingParams:
         _check_type("n", self.n, int)
         for name in ("temperature", "top_p", "min_p", "repetition_penalty",
                      "frequency_penalty", "presence_penalty"):
-            _check_type(name, getattr(self, name), (int, float))
+            value = getattr(self, name)
+            _check_type(name, value, (int, float))
+            if not math.isfinite(value):  # a NaN passes every range check below
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        # The detokenizer and the stop-string check hand these to the tokenizer, which
+        # fails on anything but a bool, in another process.
+        for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
+                     "no_stop_trim"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got "
+                                 f"{type(getattr(self, name)).__name__}")
         if self.temperature < 0.0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:

@@ -26,10 +26,10 @@ memory (torch keeps one symmetric-memory backend per process, so at most one is 
   Row-parallel layers write their product straight into the next slot
   (`all_reduce_buffer`), so there is no copy in either; other inputs are copied in.
   Slots sit at the same offsets on every rank, as NCCL's symmetric kernels need,
-  because every rank runs the same all-reduces in the same order. On 2 x H200, in the
-  Qwen3-8B TP=2 decode graph, NCCL's symmetric kernel takes 3.9 us per all-reduce of
-  8 KB, where NCCL on a plain tensor costs 17.6-22 us whatever its protocol or channel
-  settings, and the step went from 3.35 to 3.11-3.20 ms (docs/benchmarks.md);
+  because every rank runs the same all-reduces in the same order. In the Qwen3-8B
+  TP=2 decode graph NCCL's symmetric kernel is several times faster per small
+  all-reduce than NCCL on a plain tensor, whatever its protocol or channel settings,
+  and the step got faster with it (docs/benchmarks.md, "Fifth pass");
 * the one-shot kernel (--enable-symm-mem-all-reduce, torch's own backend): copies the
   local input into a buffer every rank can address, meets its peers at a barrier and
   sums all their buffers over NVLink. No faster than NCCL on 2 x H200.

@@ -127,9 +127,35 @@ def _error(message: str, param: str | None, status_code: int,
 async def _json_body(request: Request) -> Any:
     raw = await request.body()
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        body = json.loads(raw)
+    except RecursionError:
+        raise InvalidRequestError("malformed JSON body: nested too deeply", None) from None
+    except ValueError as exc:  # bad JSON, bad UTF-8, integers of thousands of digits
         raise InvalidRequestError(f"malformed JSON body: {exc}", None) from None
+    _check_strings(body)
+    return body
+
+
+def _check_strings(body: Any) -> None:
+    """JSON may escape a lone UTF-16 surrogate (\\ud800), which no tokenizer or UTF-8
+    response can carry: refuse it, naming where it is. Walked without recursion, as the
+    body may be deeply nested."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequestError(
+                    f"{path or 'body'}: text holds a lone UTF-16 surrogate",
+                    path or None) from None
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                stack.append((f"{path}.{k}" if path else str(k), k))
+                stack.append((f"{path}.{k}" if path else str(k), v))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}" if path else str(i), v) for i, v in enumerate(value))
 
 
 def create_app(tm: TokenizerManager, server_args: ServerArgs,

@@ -1,10 +1,10 @@
 """Which matmul a linear layer runs: the skinny Triton GEMV for single rows (batch-1
 decode) on CUDA, F.linear (cuBLAS, or the CPU's BLAS) for everything else.
 
-At one row a linear layer only streams its weight. On an H100, in a CUDA graph, cuBLAS
-(F.linear, [N, K] weight) streams the Qwen3-8B shapes at 2.0-2.8 TB/s and the GEMV at
-2.5-3.1 (tests/gpu/bench_gemv.py); at the 0.6B model's small shapes both are
-latency-bound, the GEMV less so. From two rows on cuBLAS wins in the decode step (see
+At one row a linear layer only streams its weight. On an H100, in a CUDA graph, the
+GEMV streams the Qwen3-8B shapes faster than cuBLAS (F.linear, [N, K] weight) does
+(tests/gpu/bench_gemv.py, docs/benchmarks.md); at the 0.6B model's small shapes both
+are latency-bound, the GEMV less so. From two rows on cuBLAS wins in the decode step (see
 GEMV_MAX_ROWS). Prefill and decode batches stay on cuBLAS, and so does float32 (the GPU
 parity tests compare it with HF exactly, and the GEMV's tensor-core path would round it
 to tf32).

@@ -10,13 +10,15 @@ naming `param`.
 The rules:
   * the model's generation defaults (generation_config.json: temperature, top_p, top_k,
     min_p, repetition_penalty) apply under the request's own sampling values;
-  * top_logprobs_num is an integer in [0, MAX_TOP_LOGPROBS];
+  * top_logprobs_num is an integer in [0, MAX_TOP_LOGPROBS]; n is at most MAX_N;
+  * float sampling values are finite, the flags (skip_special_tokens, ...) are bools;
   * a prompt is non-empty, its ids lie in [0, vocab_size), it is shorter than the
     context length, and it fits the KV cache with one token to spare;
   * with return_logprob, logprob_start_len is smaller than the prompt length;
   * max_new_tokens: an explicit value larger than the room left in the context is an
     error; a missing one is the default (128) clipped to that room; an explicit null
-    means the room (OpenAI's meaning of a missing max_tokens).
+    means the room (OpenAI's meaning of a missing max_tokens), and min_new_tokens is
+    then checked against the room, not against the default.
 
 This module imports neither torch nor the model code: the API server process uses it.
 """
@@ -34,6 +36,9 @@ if TYPE_CHECKING:
     from radixserve.configs.model_config import ModelConfig
 
 MAX_TOP_LOGPROBS = 20
+# Samples per prompt: OpenAI's own cap. The copies of a request are built on the API
+# server's event loop, so an unbounded n stalls every other request.
+MAX_N = 128
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 # Keys whose explicit None still means something (not "use the default").
 _NONE_MEANS_SOMETHING = {"max_new_tokens", "stop", "seed"}
@@ -253,6 +258,10 @@ class RequestValidator:
         # model's default applies under it.
         given = {k: v for k, v in raw.items() if v is not None or k in _NONE_MEANS_SOMETHING}
         merged = {**self.limits.generation_defaults, **given}
+        if budget == "room":
+            # Checked against the whole context here (min_new_tokens may exceed the
+            # default of 128); fit_max_new_tokens cuts it to what the prompt leaves.
+            merged["max_new_tokens"] = self.limits.context_len
         try:
             params = SamplingParams.from_dict(merged)
         except (TypeError, ValueError) as exc:
@@ -283,6 +292,8 @@ class RequestValidator:
             params.normalize()
         except (TypeError, ValueError) as exc:
             raise _sampling_error(exc) from exc
+        if params.n > MAX_N:
+            raise InvalidRequestError(f"n must be at most {MAX_N}, got {params.n}", "n")
         return params
 
 

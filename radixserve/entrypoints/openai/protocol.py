@@ -85,6 +85,9 @@ class _SamplingRequest(RequestModel):
     no_stop_trim: bool = False
     stop_token_ids: list[int] | None = None
     response_format: ResponseFormat | None = None
+    # Not applied by the sampler yet: a request that sets it is refused (check_sampling)
+    # rather than answered as if it had not.
+    logit_bias: dict[str, Any] | None = None
 
     def sampling_params(self, max_new_tokens: int | None) -> dict[str, Any]:
         """None for max_new_tokens means: whatever the context has left."""
@@ -109,6 +112,10 @@ class _SamplingRequest(RequestModel):
             "seed": self.seed,
         }
 
+    def check_sampling(self) -> None:
+        if self.logit_bias:
+            raise InvalidRequestError("logit_bias is not supported yet", "logit_bias")
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -121,6 +128,7 @@ class CompletionRequest(_SamplingRequest):
     echo: bool = False
 
     def check(self) -> None:
+        self.check_sampling()
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequestError(
                 f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}", "logprobs")
@@ -218,6 +226,7 @@ class ChatCompletionRequest(_SamplingRequest):
     separate_reasoning: bool = True
 
     def check(self) -> None:
+        self.check_sampling()
         if self.top_logprobs is not None:
             if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
                 raise InvalidRequestError(
