@@ -24,7 +24,7 @@ from radixserve.entrypoints.openai.chat_output import (MessageStream, OutputPars
 from radixserve.entrypoints.openai.chat_tools import plan_tools
 from radixserve.entrypoints.openai.protocol import ChatCompletionRequest
 from radixserve.entrypoints.openai.serving_chat import apply_chat_template, output_parsers
-from radixserve.managers.tokenizer_manager import InvalidRequestError
+from radixserve.managers.request_validation import InvalidRequestError
 from radixserve.parsers import get_reasoning_parser, get_tool_call_parser
 from tests.conftest import LiveServer
 

@@ -40,9 +40,9 @@ from radixserve.managers.detokenizer_manager import run_detokenizer_process
 from radixserve.managers.ipc import PortArgs
 from radixserve.managers.launcher import (RankProcess, replica_port_args, serve_followers,
                                           spawn_replica, stop_processes, wait_all_ready)
+from radixserve.managers.request_validation import InvalidRequestError
 from radixserve.managers.tokenizer_manager import (
     GenerateReqInput,
-    InvalidRequestError,
     ServerDeadError,
     TokenizerManager,
 )
@@ -218,7 +218,8 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs,
         return {"model_path": server_args.model_path,
                 "tokenizer_path": server_args.tokenizer_path or server_args.model_path,
                 "served_model_name": tm.served_model_name, "is_generation": True,
-                "context_length": tm.context_len, "vocab_size": tm.vocab_size}
+                "context_length": tm.limits.context_len,
+                "vocab_size": tm.limits.vocab_size}
 
     @app.get("/get_server_info")
     async def get_server_info() -> dict[str, Any]:
@@ -251,7 +252,7 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs,
         return {"object": "list", "data": [{
             "id": tm.served_model_name, "object": "model", "created": int(time.time()),
             "owned_by": "radixserve", "root": server_args.model_path,
-            "max_model_len": tm.context_len}]}
+            "max_model_len": tm.limits.context_len}]}
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -20,9 +20,9 @@ from radixserve.entrypoints.openai.protocol import (
     parse_request,
     sse_event,
 )
+from radixserve.managers.request_validation import InvalidRequestError
 from radixserve.managers.tokenizer_manager import (
     GenerateReqInput,
-    InvalidRequestError,
     ServerDeadError,
     TokenizerManager,
 )

@@ -27,10 +27,7 @@ from radixserve.managers.io_struct import (
     TokenizedGenerateReqInput,
 )
 from radixserve.managers.ipc import PortArgs, zmq_socket
-# InvalidRequestError and MAX_TOP_LOGPROBS live in request_validation; re-exported here
-# for the entry points that import them from this module.
-from radixserve.managers.request_validation import (  # noqa: F401
-    MAX_TOP_LOGPROBS,
+from radixserve.managers.request_validation import (
     InvalidRequestError,
     ModelLimits,
     RequestValidator,
@@ -95,8 +92,6 @@ class TokenizerManager:
         self.model_info = model_info
         self.limits = ModelLimits.from_model_info(model_info)
         self.validator = RequestValidator(self.limits)
-        self.context_len: int = self.limits.context_len
-        self.vocab_size: int = self.limits.vocab_size
         self.tokenizer = tokenizer
         self.served_model_name = server_args.served_model_name or str(server_args.model_path)
         self._sync_context = zmq.Context(1)

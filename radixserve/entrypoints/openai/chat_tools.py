@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from radixserve.entrypoints.openai.protocol import ChatCompletionRequest, NamedToolChoice
-from radixserve.managers.tokenizer_manager import InvalidRequestError
+from radixserve.managers.request_validation import InvalidRequestError
 from radixserve.parsers import ToolCallParser, get_tool_call_parser
 
 

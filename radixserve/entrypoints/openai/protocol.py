@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from radixserve.constrained.xgrammar_backend import ANY_JSON, GrammarError, json_schema_ebnf
-from radixserve.managers.tokenizer_manager import MAX_TOP_LOGPROBS, InvalidRequestError
+from radixserve.managers.request_validation import MAX_TOP_LOGPROBS, InvalidRequestError
 
 
 class RequestModel(BaseModel):

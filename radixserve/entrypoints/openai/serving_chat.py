@@ -33,11 +33,8 @@ from radixserve.entrypoints.openai.serving_completions import (
     rename_param,
     sse_events,
 )
-from radixserve.managers.tokenizer_manager import (
-    GenerateReqInput,
-    InvalidRequestError,
-    TokenizerManager,
-)
+from radixserve.managers.request_validation import InvalidRequestError
+from radixserve.managers.tokenizer_manager import GenerateReqInput, TokenizerManager
 from radixserve.parsers import get_reasoning_parser
 
 # TokenizerManager's and the grammar's field names -> the names this endpoint's clients
