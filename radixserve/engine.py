@@ -31,11 +31,12 @@ from radixserve.core.sampling_params import SamplingParams
 from radixserve.managers.data_parallel_controller import (DataParallelController,
                                                          launch_engine_replicas)
 from radixserve.managers.detokenizer_manager import Detokenizer
-from radixserve.managers.io_struct import BatchStrOut, TokenizedGenerateReqInput
+from radixserve.managers.io_struct import BatchStrOut, TokenizedGenerateReqInput, spec_meta
 from radixserve.managers.request_validation import (InvalidRequestError, ModelLimits,
                                                     RequestValidator)
 from radixserve.managers.scheduler import Scheduler
 from radixserve.managers.scheduler_interface import SchedulerInterface
+from radixserve.metrics.progress import progress_bar
 from radixserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class Engine:
         self.tokenizer = self.scheduler.tokenizer
         self.model_config = self.scheduler.model_config
         self.limits: ModelLimits = self.scheduler.model_limits()
-        self.validator = RequestValidator(self.limits)
+        self.validator = RequestValidator(self.limits, self.server_args.request_limits())
         self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
         self._lock = threading.Lock()  # the scheduler, the detokenizer and _boxes
         self._boxes: dict[str, _Mailbox] = {}
@@ -316,13 +317,17 @@ class Engine:
         return BatchStrOut(out.rids, [""] * n, out.new_output_ids, out.finished_reasons,
                            out.prompt_tokens, out.completion_tokens, out.cached_tokens,
                            out.output_token_logprobs, out.output_top_logprobs,
-                           out.input_token_logprobs, out.input_top_logprobs)
+                           out.input_token_logprobs, out.input_top_logprobs,
+                           spec_verify_ct=out.spec_verify_ct)
 
     def _run_to_completion(self, reqs: list[TokenizedGenerateReqInput]) -> list[dict[str, Any]]:
         acc = {r.rid: _Accumulator(r.rid) for r in reqs}
-        with closing(self._outputs(reqs)) as outputs:
+        with closing(self._outputs(reqs)) as outputs, progress_bar(
+                len(reqs), self.server_args.disable_progress_bar) as bar:
             for out, i in outputs:
                 acc[out.rids[i]].add(out, i)
+                if out.finished_reasons[i] is not None:
+                    bar.update(1)
         return [acc[r.rid].result() for r in reqs]
 
     def _stream(self, reqs: list[TokenizedGenerateReqInput]) -> Iterator[dict[str, Any]]:
@@ -368,6 +373,7 @@ class _Accumulator:
         self.meta.update(prompt_tokens=out.prompt_tokens[i],
                          completion_tokens=out.completion_tokens[i],
                          cached_tokens=out.cached_tokens[i], finish_reason=reason)
+        self.meta.update(spec_meta(out, i))
         if out.output_token_logprobs[i] is not None:
             self.output_token_logprobs = (self.output_token_logprobs or []) + [
                 list(x) for x in out.output_token_logprobs[i]]

@@ -69,3 +69,17 @@ class Envs:
 
 
 envs = Envs()
+
+
+# Written for others: prometheus_client reads this variable when it is first imported, and
+# then keeps each process's metrics in files under that directory, which /metrics merges
+# (radixserve/metrics/prometheus_setup.py sets it before the workers are spawned).
+PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def prometheus_multiproc_dir() -> str | None:
+    return os.environ.get(PROMETHEUS_MULTIPROC_DIR) or None
+
+
+def set_prometheus_multiproc_dir(path: str) -> None:
+    os.environ[PROMETHEUS_MULTIPROC_DIR] = path

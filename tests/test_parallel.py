@@ -97,7 +97,9 @@ def _tp_rank_main(rank: int, addr: str, paths: dict[str, str], results: Any) -> 
         results.put((name, [ids_out[r] for r in rids], [tops[r] for r in rids]))
 
 
-def test_tp2_matches_tp1_on_every_dense_arch(checkpoints: dict[str, Path]) -> None:
+def assert_tp2_matches_tp1(checkpoints: dict[str, Path], timeout_s: float) -> None:
+    """Two spawned gloo ranks serve every checkpoint at TP=2 while this process computes
+    TP=1's reference; tokens and top logprobs must agree (shared with test_quant_tp)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     addr = f"127.0.0.1:{free_port()}"
@@ -108,7 +110,7 @@ def test_tp2_matches_tp1_on_every_dense_arch(checkpoints: dict[str, Path]) -> No
     refs = {name: _reference(path) for name, path in checkpoints.items()}
     try:
         for _ in paths:
-            name, ids, tops = results.get(timeout=120)
+            name, ids, tops = results.get(timeout=timeout_s)
             _assert_same(refs[name], ids, tops)
     finally:
         for p in procs:
@@ -116,6 +118,10 @@ def test_tp2_matches_tp1_on_every_dense_arch(checkpoints: dict[str, Path]) -> No
             if p.is_alive():
                 p.kill()
     assert [p.exitcode for p in procs] == [0, 0]
+
+
+def test_tp2_matches_tp1_on_every_dense_arch(checkpoints: dict[str, Path]) -> None:
+    assert_tp2_matches_tp1(checkpoints, timeout_s=120)
 
 
 def _agree_rank_main(rank: int, addr: str, results: Any) -> None:

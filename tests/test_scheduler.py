@@ -12,6 +12,7 @@ import pytest
 from radixserve.core.sampling_params import SamplingParams
 from radixserve.engine import Engine
 from radixserve.managers.io_struct import TokenizedGenerateReqInput
+from tests.abort_driver import run_with_random_aborts
 from tests.model_factory import make_tiny_checkpoint
 
 GREEDY = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
@@ -118,23 +119,7 @@ def test_random_aborts_free_everything(model_path):
         ids = [rng.randrange(3, 40000) for _ in range(rng.randrange(1, 60))]
         sched.add_request(TokenizedGenerateReqInput(f"r{i}", None, ids, sp))
         rids.append(f"r{i}")
-    finished: dict[str, dict] = {}
-    to_abort = set(rng.sample(rids, 100))
-    steps = 0
-    while sched.has_work():
-        out = sched.step()
-        steps += 1
-        if out is not None:
-            for rid, reason in zip(out.rids, out.finished_reasons):
-                if reason is not None:
-                    finished[rid] = reason
-        # Abort a few requests at every stage: waiting, mid-prefill, decoding, finished.
-        for rid in rng.sample(sorted(to_abort), min(len(to_abort), rng.randrange(0, 4))):
-            sched.abort_request(rid)
-            to_abort.discard(rid)
-        assert steps < 5000
-    for rid in to_abort:
-        sched.abort_request(rid)
+    finished = run_with_random_aborts(sched, rng, set(rng.sample(rids, 100)), 4, 5000)
     assert set(finished) == set(rids)
     assert any(r["type"] == "abort" for r in finished.values())
     assert_no_leak(eng)

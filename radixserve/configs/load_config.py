@@ -19,6 +19,7 @@ class LoadConfig:
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
     is_gguf: bool = False  # load_format gguf, or auto and a .gguf model path
     torch_dtype: torch.dtype = torch.float32  # the serving dtype, "auto" resolved
+    quantization: str | None = None  # --quantization (the checkpoint's config decides too)
     context_length: int | None = None  # None: the model's own
     trust_remote_code: bool = False
     chat_template: str | None = None  # a file path or a Jinja string

@@ -21,7 +21,7 @@ from radixserve.device_utils import to_device_beside
 # JSON grammar): what OpenAI's response_format {"type": "json_object"} asks for.
 ANY_JSON = "$$ANY$$"
 
-GRAMMAR_KINDS = ("json_schema", "regex", "ebnf")
+GRAMMAR_KINDS = ("json_schema", "regex", "ebnf", "structural_tag")
 # (kind, text): kind is one of GRAMMAR_KINDS. Also the compile cache's key.
 GrammarKey = tuple[str, str]
 
@@ -70,11 +70,26 @@ class XGrammarBackend:
         try:
             if kind == "regex":
                 return self.compiler.compile_regex(text)
+            if kind == "structural_tag":
+                return self._compile_structural_tag(text)
             return self.compiler.compile_grammar(text)
         # xgrammar reports every user error as a RuntimeError from C++ (a few as
         # ValueError); whatever fails to compile is the request's fault.
         except Exception as e:  # noqa: BLE001
             raise GrammarError(f"invalid {kind}: {_clean_message(str(e))}") from None
+
+    def _compile_structural_tag(self, text: str) -> Any:
+        """SGLang's form {"structures": [{"begin", "schema", "end"}], "triggers"}, or
+        xgrammar's own structural tag JSON (passed through)."""
+        import xgrammar as xgr
+
+        tag = json.loads(text)
+        if not isinstance(tag, dict) or "structures" not in tag:
+            return self.compiler.compile_structural_tag(text)
+        items = [xgr.StructuralTagItem(begin=s["begin"], end=s["end"],
+                                       schema=json.dumps(s.get("schema", s.get("parameters"))))
+                 for s in tag["structures"]]
+        return self.compiler.compile_structural_tag(items, list(tag.get("triggers") or []))
 
     @staticmethod
     def new_matcher(compiled: Any, stop_token_ids: list[int] | None) -> Any:

@@ -18,6 +18,9 @@ class BatchResult:
     # each prompt token whose logits this chunk produced, and their top-k lists.
     input_logprobs: list[list[TokenLogprob] | None]
     input_top_logprobs: list[list[list[TokenLogprob]] | None]
+    # Speculative decoding: per request, the tokens accepted after next_token_ids[i] in
+    # the same step, in order (their KV is committed); None: one token per request.
+    extra_token_ids: list[list[int]] | None = None
 
     @classmethod
     def tokens_only(cls, ids: list[int]) -> "BatchResult":

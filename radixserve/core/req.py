@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -31,6 +32,8 @@ class Req:
         self.top_logprobs_num = top_logprobs_num
         self.stream = stream
         self.eos_token_ids = eos_token_ids or set()
+        # When the scheduler received it (perf_counter): queue time is measured from here.
+        self.time_received = time.perf_counter()
 
         # Output tokens; while a batch is in flight (overlap scheduling) its entries are
         # placeholders past the first `num_resolved`, which hold real token ids.
@@ -58,6 +61,10 @@ class Req:
         self.finished_reason: dict[str, Any] | None = None
         self.to_abort = False
         self.num_retractions = 0
+        # Speculative decoding: verify passes this request took part in, and the draft
+        # tokens they accepted.
+        self.spec_verify_ct = 0
+        self.spec_accepted_drafts = 0
         # Structured output (constrained/): a ReqGrammar when the request has a
         # json_schema, regex or ebnf, set by the GrammarManager; None otherwise.
         self.grammar: Any = None

@@ -6,7 +6,10 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from radixserve.core import stop_regex
+
 _GREEDY_EPS = 1e-6
+_DERIVED = {"stop_strs", "stop_str_max_len", "stop_regex_strs", "stop_regex_max_len"}
 
 
 @dataclass(slots=True)
@@ -22,6 +25,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    # Python regular expressions; generation stops once the output text matches one.
+    stop_regex: str | list[str] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
@@ -33,19 +38,35 @@ class SamplingParams:
     json_schema: str | None = None
     regex: str | None = None
     ebnf: str | None = None
-    # Filled by normalize(): the stop strings as a list, their longest length in chars.
+    structural_tag: str | None = None  # xgrammar's structural tag, as JSON text
+    # SGLang's name for seed; from_dict folds it into seed.
+    sampling_seed: int | None = None
+    # Accepted for SGLang clients; radixserve streams every token and runs no custom
+    # logit processors, so neither changes the output.
+    stream_interval: int | None = None
+    custom_params: dict[str, Any] | None = None
+    # Token id -> bias added to its logit before sampling (OpenAI's and SGLang's name;
+    # keys may be ints or decimal strings, as JSON gives them). normalize() makes the
+    # keys ints.
+    logit_bias: dict[Any, float] | None = None
+    # Filled by normalize(): the stop strings as a list, their longest length in chars;
+    # the stop regexes as a list, and how many tokens of output tail they are run on.
     stop_strs: list[str] = field(default_factory=list)
     stop_str_max_len: int = 0
+    stop_regex_strs: list[str] = field(default_factory=list)
+    stop_regex_max_len: int = 0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "SamplingParams":
         """Build from a JSON-like dict; unknown keys are an error naming the key."""
         d = dict(d or {})
-        known = {f.name for f in fields(cls)} - {"stop_strs", "stop_str_max_len"}
+        known = {f.name for f in fields(cls)} - _DERIVED
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"sampling_params: unknown field(s) {unknown}")
         params = cls(**{k: v for k, v in d.items() if v is not None or k in ("stop", "seed")})
+        if params.seed is None and params.sampling_seed is not None:
+            params.seed = params.sampling_seed
         return params
 
     @property
@@ -104,9 +125,24 @@ class SamplingParams:
             and all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids)
         ):
             raise ValueError("stop_token_ids must be a list of integers")
-        grammars = [g for g in (self.json_schema, self.regex, self.ebnf) if g is not None]
+        if self.logit_bias is not None:
+            _check_logit_bias(self.logit_bias)
+        grammars = [g for g in (self.json_schema, self.regex, self.ebnf, self.structural_tag)
+                    if g is not None]
         if len(grammars) > 1:
-            raise ValueError("only one of json_schema, regex, ebnf may be set")
+            raise ValueError("only one of json_schema, regex, ebnf, structural_tag may be set")
+        self._verify_sglang_extras()
+
+    def _verify_sglang_extras(self) -> None:
+        stop_regex.compile_all(self.stop_regex)
+        if self.sampling_seed is not None:
+            _check_type("sampling_seed", self.sampling_seed, int)
+        if self.stream_interval is not None:
+            _check_type("stream_interval", self.stream_interval, int)
+            if self.stream_interval < 1:
+                raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
+        if self.custom_params is not None and not isinstance(self.custom_params, dict):
+            raise ValueError("custom_params must be an object")
 
     def normalize(self) -> None:
         """Derive the fields the scheduler reads; call after verify()."""
@@ -117,6 +153,10 @@ class SamplingParams:
         else:
             self.stop_strs = [s for s in self.stop if s]
         self.stop_str_max_len = max((len(s) for s in self.stop_strs), default=0)
+        self.stop_regex_strs = stop_regex.as_list(self.stop_regex)
+        self.stop_regex_max_len = stop_regex.window(self.stop_regex_strs)
+        if self.logit_bias is not None:
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()} or None
         if self.temperature < _GREEDY_EPS:
             # Greedy is top-1 at temperature 1: one code path in the sampler.
             self.temperature = 1.0
@@ -126,10 +166,31 @@ class SamplingParams:
         """A copy for the offset-th of n parallel samples, so that n samples differ."""
         clone = SamplingParams(**{f.name: getattr(self, f.name) for f in fields(self)})
         clone.stop_strs = list(self.stop_strs)
+        clone.stop_regex_strs = list(self.stop_regex_strs)
+        if self.logit_bias is not None:
+            clone.logit_bias = dict(self.logit_bias)
         if clone.seed is not None:
             clone.seed = clone.seed + offset
         clone.n = 1
         return clone
+
+
+# OpenAI's range: -100 bans a token, 100 forces it.
+LOGIT_BIAS_RANGE = 100.0
+
+
+def _check_logit_bias(bias: Any) -> None:
+    if not isinstance(bias, dict):
+        raise ValueError("logit_bias must be an object mapping token ids to biases")
+    for key, value in bias.items():
+        if isinstance(key, bool) or not (isinstance(key, int) or (
+                isinstance(key, str) and key.isascii() and key.isdigit())):
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or abs(value) > LOGIT_BIAS_RANGE:
+            raise ValueError(f"logit_bias values must be numbers in "
+                             f"[-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}], got {value!r} "
+                             f"for token {key}")
 
 
 def _check_type(name: str, value: Any, types: type | tuple[type, ...]) -> None:

@@ -25,8 +25,12 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from radixserve.entrypoints import native
+from radixserve.configs.request_limits import RequestLimits
+from radixserve.entrypoints import native, ollama, tokenization
+from radixserve.entrypoints.dashboard import add_dashboard_routes
+from radixserve.entrypoints.metrics_routes import add_metrics_routes
 from radixserve.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -46,6 +50,9 @@ from radixserve.managers.tokenizer_manager import (
     ServerDeadError,
     TokenizerManager,
 )
+from radixserve.metrics.log_format import configure_logging
+from radixserve.metrics.prometheus_setup import prepare_multiprocess_dir, remove_multiprocess_dir
+from radixserve.metrics.trace_setup import setup_api_tracing, shutdown_tracing
 from radixserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -124,25 +131,40 @@ def _error(message: str, param: str | None, status_code: int,
                         status_code=status_code)
 
 
-async def _json_body(request: Request) -> Any:
-    raw = await request.body()
+class BodyTooLargeError(Exception):
+    """A request body over --max-request-body-bytes (answered 413)."""
+
+
+async def _json_body(request: Request, limits: RequestLimits) -> Any:
+    """The parsed body; it is read only up to the size limit, and nesting past the depth
+    limit is refused (each level of nesting costs the parser a Python stack frame)."""
+    size = 0
+    chunks: list[bytes] = []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limits.max_request_body_bytes:
+            raise BodyTooLargeError(
+                f"the request body is over {limits.max_request_body_bytes} bytes "
+                f"(--max-request-body-bytes)")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         body = json.loads(raw)
     except RecursionError:
         raise InvalidRequestError("malformed JSON body: nested too deeply", None) from None
     except ValueError as exc:  # bad JSON, bad UTF-8, integers of thousands of digits
         raise InvalidRequestError(f"malformed JSON body: {exc}", None) from None
-    _check_strings(body)
+    _check_body(body, limits.max_json_depth)
     return body
 
 
-def _check_strings(body: Any) -> None:
-    """JSON may escape a lone UTF-16 surrogate (\\ud800), which no tokenizer or UTF-8
-    response can carry: refuse it, naming where it is. Walked without recursion, as the
-    body may be deeply nested."""
-    stack: list[tuple[str, Any]] = [("", body)]
+def _check_body(body: Any, max_depth: int) -> None:
+    """Refuse nesting deeper than `max_depth`, and text holding a lone UTF-16 surrogate
+    (JSON may escape one, \\ud800, but no tokenizer or UTF-8 response can carry it),
+    naming where it is. Walked without recursion, as the body may be deeply nested."""
+    stack: list[tuple[str, Any, int]] = [("", body, 0)]
     while stack:
-        path, value = stack.pop()
+        path, value, depth = stack.pop()
         if isinstance(value, str):
             try:
                 value.encode("utf-8")
@@ -150,12 +172,46 @@ def _check_strings(body: Any) -> None:
                 raise InvalidRequestError(
                     f"{path or 'body'}: text holds a lone UTF-16 surrogate",
                     path or None) from None
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                stack.append((f"{path}.{k}" if path else str(k), k))
-                stack.append((f"{path}.{k}" if path else str(k), v))
-        elif isinstance(value, list):
-            stack.extend((f"{path}.{i}" if path else str(i), v) for i, v in enumerate(value))
+        elif isinstance(value, (dict, list)):
+            if depth >= max_depth:
+                raise InvalidRequestError(
+                    f"malformed JSON body: nested deeper than {max_depth} levels at "
+                    f"{path or 'body'} (--max-json-depth)", None)
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    # Escaped: the key itself may hold the surrogate this walk looks for.
+                    name = k.encode("utf-8", "backslashreplace").decode()
+                    key = f"{path}.{name}" if path else name
+                    stack.append((key, k, depth + 1))
+                    stack.append((key, v, depth + 1))
+            else:
+                stack.extend((f"{path}.{i}" if path else str(i), v, depth + 1)
+                             for i, v in enumerate(value))
+
+
+class ApiKeyMiddleware:
+    """Refuse requests without `Authorization: Bearer <api key>` (except /health and
+    the /dashboard page).
+
+    A plain ASGI middleware rather than `@app.middleware("http")`: Starlette's
+    BaseHTTPMiddleware hands the route a receive channel that never reports the client's
+    `http.disconnect`, so a non-streaming request whose client left would run on.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # /dashboard is a static page holding no data; it passes the key on itself.
+        if scope["type"] == "http" and scope["path"] not in ("/health", "/dashboard"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                response = _error("invalid or missing API key (Authorization: Bearer ...)",
+                                  None, 401, "authentication_error")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(tm: TokenizerManager, server_args: ServerArgs,
@@ -172,20 +228,18 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs,
             task.cancel()
 
     app = FastAPI(lifespan=lifespan)
+    limits = server_args.request_limits()
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next: Callable) -> Response:
-        if server_args.api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(),
-                                          f"Bearer {server_args.api_key}".encode()):
-                return _error("invalid or missing API key (Authorization: Bearer ...)", None,
-                              401, "authentication_error")
-        return await call_next(request)
+    if server_args.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=server_args.api_key)
 
     @app.exception_handler(InvalidRequestError)
     async def on_invalid(_request: Request, exc: InvalidRequestError) -> JSONResponse:
         return _error(exc.message, exc.param, 400)
+
+    @app.exception_handler(BodyTooLargeError)
+    async def on_too_large(_request: Request, exc: BodyTooLargeError) -> JSONResponse:
+        return _error(str(exc), None, 413)
 
     @app.exception_handler(ServerDeadError)
     async def on_dead(_request: Request, exc: ServerDeadError) -> JSONResponse:
@@ -203,7 +257,7 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs,
                                sampling_params={"max_new_tokens": 1, "temperature": 0.0})
 
         async def run_one() -> None:
-            async with aclosing(tm.generate(obj)) as gen:
+            async with aclosing(await tm.generate(obj)) as gen:
                 async for _ in gen:
                     pass
 
@@ -214,6 +268,7 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs,
         return PlainTextResponse("ok")
 
     @app.get("/get_model_info")
+    @app.get("/model_info")  # SGLang's newer name
     async def get_model_info() -> dict[str, Any]:
         return {"model_path": server_args.model_path,
                 "tokenizer_path": server_args.tokenizer_path or server_args.model_path,
@@ -222,13 +277,14 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs,
                 "vocab_size": tm.limits.vocab_size}
 
     @app.get("/get_server_info")
+    @app.get("/server_info")  # SGLang's newer name, which its frontend calls
     async def get_server_info() -> dict[str, Any]:
         info = await tm.get_server_info()
         args = {k: v for k, v in dataclasses.asdict(server_args).items() if k != "api_key"}
         return {**args, **dataclasses.asdict(info), "model_info": tm.model_info,
                 "num_pending_requests": tm.num_pending, "worker_pids": worker_pids or {}}
 
-    @app.post("/flush_cache")
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache() -> Response:
         if await tm.flush_cache():
             return PlainTextResponse("Cache flushed.\n")
@@ -236,34 +292,56 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs,
 
     @app.post("/abort_request")
     async def abort_request(request: Request) -> Response:
-        body = await _json_body(request)
+        body = await _json_body(request, limits)
         rid = body.get("rid") if isinstance(body, dict) else None
         if not isinstance(rid, str):
             raise InvalidRequestError("rid must be a string", "rid")
         tm.abort_request(rid)
         return PlainTextResponse("ok")
 
-    @app.post("/generate")
+    @app.api_route("/generate", methods=["POST", "PUT"])
     async def generate(request: Request) -> Response:
-        return await native.generate(tm, await _json_body(request), request)
+        return await native.generate(tm, await _json_body(request, limits), request)
+
+    def model_card() -> dict[str, Any]:
+        return {"id": tm.served_model_name, "object": "model", "created": int(time.time()),
+                "owned_by": "radixserve", "root": server_args.model_path,
+                "max_model_len": tm.limits.context_len}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{
-            "id": tm.served_model_name, "object": "model", "created": int(time.time()),
-            "owned_by": "radixserve", "root": server_args.model_path,
-            "max_model_len": tm.limits.context_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> Response:
+        if model != tm.served_model_name:
+            return _error(f"model {model!r} does not exist", "model", 404, "NotFoundError")
+        return JSONResponse(model_card())
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        from radixserve import __version__
+
+        return {"version": __version__}
+
+    def json_body(request: Request) -> Awaitable[Any]:
+        return _json_body(request, limits)
+
+    tokenization.register(app, tm, json_body)
+    ollama.register(app, tm, json_body)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = parse_request(CompletionRequest, await _json_body(request))
+        req = parse_request(CompletionRequest, await _json_body(request, limits))
         return await create_completion(tm, req, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = parse_request(ChatCompletionRequest, await _json_body(request))
+        req = parse_request(ChatCompletionRequest, await _json_body(request, limits))
         return await create_chat_completion(tm, req, request)
 
+    add_metrics_routes(app, server_args)
+    add_dashboard_routes(app, tm, server_args)
     return app
 
 
@@ -271,11 +349,17 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs,
 
 def launch_server(server_args: ServerArgs) -> int:
     """Run until SIGINT/SIGTERM (0) or until a worker process dies (1)."""
-    logging.basicConfig(level=server_args.log_level.upper(),
-                        format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    configure_logging(server_args.log_level, "api")
     if server_args.node_rank > 0:
         return serve_followers(server_args)  # no HTTP: node 0 serves
-    workers = start_workers(server_args)
+    # Before any process imports prometheus_client (the workers inherit it).
+    metrics_dir = prepare_multiprocess_dir() if server_args.enable_metrics else None
+    setup_api_tracing(server_args.enable_trace, server_args.otlp_traces_endpoint)
+    try:
+        workers = start_workers(server_args)
+    except BaseException:
+        remove_multiprocess_dir(metrics_dir)
+        raise
     try:
         tokenizer = None
         if not server_args.skip_tokenizer_init:
@@ -311,6 +395,8 @@ def launch_server(server_args: ServerArgs) -> int:
         return exit_code
     finally:
         workers.stop()
+        remove_multiprocess_dir(metrics_dir)
+        shutdown_tracing(server_args.enable_trace)
 
 
 def _exit_on_sigterm(_signum: int, _frame: Any) -> None:

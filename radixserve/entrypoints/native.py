@@ -3,6 +3,11 @@
 Responses are {"text", "output_ids", "meta_info"} (a list for batched prompts or
 n > 1). Streamed chunks carry the cumulative text and ids so far, as SGLang's do,
 plus "index" to tell the prompts/samples of one call apart.
+
+The request takes SGLang's GenerateReqInput fields. Those radixserve does not
+implement (images, LoRA, hidden states, disaggregation, ...) are accepted at their
+defaults only, so SGLang clients that leave them unset run unchanged and a request
+that sets one is a 400 naming it, not an answer that silently ignored it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,16 @@ from radixserve.managers.tokenizer_manager import (
 )
 
 
+# Field -> its default; a request must leave these at the default.
+_UNSUPPORTED: dict[str, Any] = {
+    "input_embeds": None, "image_data": None, "audio_data": None, "video_data": None,
+    "lora_path": None, "lora_id": None, "custom_logit_processor": None,
+    "token_ids_logprob": None, "session_params": None, "bootstrap_host": None,
+    "bootstrap_port": None, "bootstrap_room": None, "data_parallel_rank": None,
+    "return_hidden_states": False, "return_routed_experts": False,
+}
+
+
 class GenerateRequest(RequestModel):
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
@@ -38,13 +53,24 @@ class GenerateRequest(RequestModel):
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
+    log_metrics: bool = True  # radixserve's metrics count every request
+
+
+def check_unsupported(body: Any) -> None:
+    if not isinstance(body, dict):
+        return  # parse_request names the problem
+    for name, default in _UNSUPPORTED.items():
+        if body.get(name, default) not in (default, [], {}):
+            raise InvalidRequestError(f"{name} is not supported by radixserve yet "
+                                      f"(leave it unset)", name)
 
 
 async def generate(tm: TokenizerManager, body: Any, request: Request) -> Response:
+    check_unsupported(body)
     req: GenerateRequest = parse_request(GenerateRequest, body)
-    obj = GenerateReqInput(**req.model_dump())
+    obj = GenerateReqInput(**req.model_dump(exclude={"log_metrics"}))
     obj.sampling_params = obj.sampling_params or {}
-    outputs = tm.generate(obj, None if req.stream else request)
+    outputs = await tm.generate(obj, None if req.stream else request)
     batched = isinstance(req.text, list) or (
         isinstance(req.input_ids, list) and bool(req.input_ids)
         and isinstance(req.input_ids[0], list)) or obj.sampling_params.get("n", 1) != 1

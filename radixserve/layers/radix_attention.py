@@ -28,4 +28,7 @@ class RadixAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 forward_batch: ForwardBatch, save_kv_cache: bool = True) -> torch.Tensor:
+        ready = forward_batch.token_to_kv_pool.layer_ready
+        if ready is not None:  # HiCache: this layer's KV may still be on its way from host
+            ready(self.layer_id)
         return forward_batch.attn_backend.forward(q, k, v, self, forward_batch, save_kv_cache)

@@ -32,9 +32,10 @@ class Sampler(torch.nn.Module):
     def forward(self, logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
         """Next token of every row ([B] int64) from `logits` ([B, V]); `logits` is not modified.
 
-        Order: logits processors (penalties, min_new_tokens, grammar mask), temperature, then the
-        top-k, top-p and min-p filters, then the draw. Greedy rows (top_k == 1) return
-        exactly the argmax of the processed logits, also inside a mixed batch.
+        Order: logits processors (penalties, logit_bias, min_new_tokens, grammar mask),
+        temperature, then the top-k, top-p and min-p filters, then the draw. Greedy rows
+        (top_k == 1) return exactly the argmax of the processed logits, also inside a
+        mixed batch.
         """
         mask = info.vocab_mask
         if mask is not None and info.is_all_greedy and info.has_only_grammar_mask:
@@ -53,11 +54,7 @@ class Sampler(torch.nn.Module):
         greedy = logits.argmax(dim=-1)
         if info.is_all_greedy:
             return greedy
-        probs = torch.softmax(logits / info.temperatures, dim=-1)
-        if info.need_top_p_top_k:
-            probs = _top_k_top_p_min_p(probs, info)
-        elif info.need_min_p:
-            probs = _min_p(probs, info.min_ps)
+        probs = sampling_probs(logits, info)
         sampled = probs.div_(_exponentials(probs, info)).argmax(dim=-1)
         return torch.where(info.top_ks == 1, greedy, sampled)
 
@@ -66,6 +63,19 @@ class Sampler(torch.nn.Module):
         if use is False or (use is None and not logits.is_cuda):
             return None
         return triton_kernel("radixserve.layers.triton_kernels.masked_argmax", "masked_argmax")
+
+
+def sampling_probs(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+    """What a sampled row draws from: softmax at its temperature, then top-k, top-p and
+    min-p ([B, V] float32, not renormalised after filtering). `logits` are float32 with
+    the logits processors already applied. Speculative verification reads it too, so
+    that accepting a draft keeps exactly this distribution."""
+    probs = torch.softmax(logits / info.temperatures, dim=-1)
+    if info.need_top_p_top_k:
+        return _top_k_top_p_min_p(probs, info)
+    if info.need_min_p:
+        return _min_p(probs, info.min_ps)
+    return probs
 
 
 def _top_k_top_p_min_p(probs: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:

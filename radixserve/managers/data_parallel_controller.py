@@ -34,7 +34,7 @@ from radixserve.managers.io_struct import (
 )
 from radixserve.managers.ipc import PortArgs, zmq_socket
 from radixserve.managers.launcher import dead_process, replica_port_args, stop_processes
-from radixserve.managers.request_validation import ModelLimits, limits_from
+from radixserve.managers.request_validation import ModelLimits, RequestValidator, limits_from
 from radixserve.managers.scheduler_interface import SchedulerInterface
 from radixserve.server_args import ServerArgs
 
@@ -145,6 +145,7 @@ class DataParallelController(SchedulerInterface):
         # A request must fit the smallest replica's KV cache.
         self.max_total_num_tokens = min(i.max_total_num_tokens
                                         for i in self._ask_all(GetServerInfoReq()))
+        self._validator = RequestValidator(self.model_limits())
 
     # --- the Scheduler interface ---------------------------------------------------
 
@@ -154,6 +155,12 @@ class DataParallelController(SchedulerInterface):
         return limits_from(self.model_config, self.max_total_num_tokens)
 
     def add_request(self, recv: TokenizedGenerateReqInput) -> None:
+        if not self._validator.is_well_formed(recv):
+            # Replica 0's scheduler answers it with the 400 (or drops it, rid-less).
+            if isinstance(getattr(recv, "rid", None), str):
+                self._owner.setdefault(recv.rid, (0, 0))
+                self._to_replica[0].send_pyobj(recv)
+            return
         max_new = recv.sampling_params.max_new_tokens or 0
         replica = self.balancer.pick(recv.input_ids, max_new)
         self._owner[recv.rid] = (replica, len(recv.input_ids) + max_new)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -23,7 +24,10 @@ from typing import Any
 import zmq
 
 from radixserve.managers.io_struct import BatchStrOut, BatchTokenIDOut, RegisterStopStrsReq
-from radixserve.managers.ipc import PortArgs, start_parent_watchdog, zmq_socket
+from radixserve.managers.ipc import (MALFORMED, PortArgs, recv_message, start_parent_watchdog,
+                                     zmq_socket)
+from radixserve.metrics.log_format import configure_logging
+from radixserve.metrics.trace_setup import make_detokenizer_observer
 from radixserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -58,18 +62,27 @@ class Detokenizer:
         return len(self._states)
 
     def handle(self, out: BatchTokenIDOut) -> BatchStrOut:
-        deltas = [
-            self._handle_one(
-                out.rids[i], out.new_output_ids[i], out.finished_reasons[i],
-                out.skip_special_tokens[i], out.spaces_between_special_tokens[i],
-                out.no_stop_trim[i])
-            for i in range(len(out.rids))
-        ]
+        """Deltas for every row; a row that cannot be decoded ends its request alone
+        (finish reason abort, with the error), and the other rows go on."""
+        finished = list(out.finished_reasons)
+        deltas: list[str] = []
+        for i, rid in enumerate(out.rids):
+            try:
+                deltas.append(self._handle_one(
+                    rid, out.new_output_ids[i], finished[i], out.skip_special_tokens[i],
+                    out.spaces_between_special_tokens[i], out.no_stop_trim[i]))
+            except Exception as exc:
+                logger.exception("cannot detokenize request %r; ending it", rid)
+                if isinstance(rid, str):
+                    self._states.pop(rid, None)
+                deltas.append("")
+                finished[i] = {"type": "abort",
+                               "message": f"the detokenizer failed on this request: {exc!r}"}
         return BatchStrOut(
             rids=out.rids,
             text_deltas=deltas,
             output_ids=out.new_output_ids,
-            finished_reasons=out.finished_reasons,
+            finished_reasons=finished,
             prompt_tokens=out.prompt_tokens,
             completion_tokens=out.completion_tokens,
             cached_tokens=out.cached_tokens,
@@ -77,6 +90,7 @@ class Detokenizer:
             output_top_logprobs=out.output_top_logprobs,
             input_token_logprobs=out.input_token_logprobs,
             input_top_logprobs=out.input_top_logprobs,
+            spec_verify_ct=out.spec_verify_ct,
         )
 
     def _handle_one(self, rid: str, new_ids: list[int], finished: dict[str, Any] | None,
@@ -140,9 +154,10 @@ def run_detokenizer_process(server_args: ServerArgs, port_args: PortArgs,
                             ready_pipe: Connection) -> None:
     """Process entry: scheduler outputs in, text deltas out to the TokenizerManager."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent shuts us down
-    logging.basicConfig(level=server_args.log_level.upper(),
-                        format="[detokenizer] %(levelname)s %(message)s")
+    configure_logging(server_args.log_level, "detokenizer")
     start_parent_watchdog()
+    observer = make_detokenizer_observer(server_args.enable_trace,
+                                         server_args.otlp_traces_endpoint)
     try:
         from radixserve.model_loader.tokenizer import get_tokenizer
 
@@ -156,10 +171,17 @@ def run_detokenizer_process(server_args: ServerArgs, port_args: PortArgs,
         raise SystemExit(1) from exc
     ready_pipe.send({"status": "ready"})
     while True:
-        msg = recv.recv_pyobj()
-        if isinstance(msg, RegisterStopStrsReq):
-            detokenizer.register(msg.rid, msg.stop_strs)
-        elif isinstance(msg, BatchTokenIDOut):
-            send.send_pyobj(detokenizer.handle(msg))
-        else:
-            logger.warning("detokenizer ignores unexpected message %r", type(msg).__name__)
+        msg = recv_message(recv)
+        try:
+            if isinstance(msg, RegisterStopStrsReq):
+                detokenizer.register(msg.rid, msg.stop_strs)
+            elif isinstance(msg, BatchTokenIDOut):
+                start = time.time_ns()
+                out = detokenizer.handle(msg)
+                end = time.time_ns()
+                send.send_pyobj(out)
+                observer.on_handled(out, start, end)
+            elif msg is not MALFORMED:
+                logger.warning("detokenizer ignores unexpected message %r", type(msg).__name__)
+        except Exception:  # a message whose very shape is wrong: drop it, keep serving
+            logger.exception("detokenizer dropped a malformed %r", type(msg).__name__)

@@ -56,6 +56,12 @@ class ServerInfo:
     total_prefill_tokens: int  # tokens actually run through prefill (not cached)
     total_cached_tokens: int
     extra: dict[str, Any] = field(default_factory=dict)
+    # Finished requests, as /metrics' counters of the same names (scheduler_stats.py).
+    num_requests_total: int = 0
+    num_aborted_requests_total: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    cached_tokens_total: int = 0
 
 
 @dataclass
@@ -82,6 +88,8 @@ class BatchTokenIDOut:
     output_top_logprobs: list[list[list[tuple[float, int]]] | None]
     input_token_logprobs: list[list[tuple[float | None, int]] | None]
     input_top_logprobs: list[list[list[tuple[float, int]] | None] | None]
+    # Speculative decoding: verify passes per request so far (0 when it is off).
+    spec_verify_ct: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -99,6 +107,8 @@ class BatchStrOut:
     output_top_logprobs: list[list[list[tuple[float, int]]] | None]
     input_token_logprobs: list[list[tuple[float | None, int]] | None]
     input_top_logprobs: list[list[list[tuple[float, int]] | None] | None]
+    # Speculative decoding: verify passes per request so far (0 when it is off).
+    spec_verify_ct: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -119,3 +129,12 @@ class RegisterStopStrsReq:
 
     rid: str
     stop_strs: list[str]
+
+
+def spec_meta(out: BatchStrOut, i: int) -> dict[str, Any]:
+    """meta_info's speculative-decoding entries for request i, as SGLang names them
+    (none when speculation is off): verify passes, and tokens per pass."""
+    ct = out.spec_verify_ct[i] if out.spec_verify_ct else 0
+    if not ct:
+        return {}
+    return {"spec_verify_ct": ct, "spec_accept_length": out.completion_tokens[i] / ct}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
 import shutil
 import tempfile
 import threading
@@ -10,6 +12,8 @@ import time
 from dataclasses import dataclass
 
 import zmq
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,6 +51,32 @@ def zmq_socket(context: zmq.Context, socket_type: int, endpoint: str,
     else:
         socket.connect(endpoint)
     return socket
+
+
+class Malformed:
+    """What `decode_message` gives for bytes that do not unpickle: logged, then ignored."""
+
+    def __repr__(self) -> str:
+        return "<malformed message>"
+
+
+MALFORMED = Malformed()
+
+
+def decode_message(frame: bytes) -> object:
+    """A message from its pickled bytes, or MALFORMED (never raises): one garbled frame
+    must not end the process that reads it. The sockets live in a private directory
+    (PortArgs), so what arrives is our own processes' output, not a stranger's."""
+    try:
+        return pickle.loads(frame)
+    except Exception as exc:  # truncated, garbage, or a class this process lacks
+        logger.warning("dropped a message that does not unpickle: %r", exc)
+        return MALFORMED
+
+
+def recv_message(socket: zmq.Socket, flags: int = 0) -> object:
+    """recv_pyobj that answers MALFORMED instead of raising on bad bytes."""
+    return decode_message(socket.recv(flags))
 
 
 def start_parent_watchdog(interval_s: float = 1.0) -> None:

@@ -8,15 +8,20 @@ The prefix cache is the seam of the cache tiers: a RadixCache (or a ChunkCache w
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from radixserve.core.req import Req
+from radixserve.configs.hicache_config import HiCacheConfig
 from radixserve.mem_cache.allocator import TokenToKVPoolAllocator
 from radixserve.mem_cache.chunk_cache import ChunkCache
-from radixserve.mem_cache.memory_pool import ReqToTokenPool
+from radixserve.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool, ReqToTokenPool
 from radixserve.mem_cache.radix_cache import MatchResult, RadixCache
+from radixserve.mem_cache.row_tail import free_row_tail, slot_at
+
+
+DevicePool = MHATokenToKVPool | MLATokenToKVPool
 
 
 class PrefixCache(Protocol):
@@ -33,10 +38,22 @@ class PrefixCache(Protocol):
     def evictable_size(self) -> int: ...
     def protected_size(self) -> int: ...
     def reset(self) -> None: ...
+    # Extend a fresh request's device match with KV kept below the device (HiCache's
+    # host memory and storage), before admission sizes its prefill; a no-op otherwise.
+    def load_back(self, req: Req) -> None: ...
+    # Counters of the tiers below the device, for /get_server_info ({} without them).
+    def tier_stats(self) -> dict[str, Any]: ...
 
 
 def make_prefix_cache(req_to_token_pool: ReqToTokenPool, allocator: TokenToKVPoolAllocator,
-                      page_size: int, disable_radix_cache: bool) -> PrefixCache:
+                      page_size: int, disable_radix_cache: bool,
+                      hicache: HiCacheConfig | None = None,
+                      device_pool: DevicePool | None = None) -> PrefixCache:
+    if hicache is not None and hicache.enable:
+        from radixserve.mem_cache.hicache import HiRadixCache
+
+        assert device_pool is not None, "HiCache copies from the device KV pool"
+        return HiRadixCache(req_to_token_pool, allocator, page_size, device_pool, hicache)
     cache_cls = ChunkCache if disable_radix_cache else RadixCache
     return cache_cls(req_to_token_pool, allocator, page_size)
 
@@ -75,6 +92,11 @@ class KVAccounting:
             req.last_loc = int(req.prefix_indices[-1])
         req.kv_committed_len = len(req.prefix_indices)
         return True
+
+    def load_back(self, req: Req) -> None:
+        """Bring the KV that follows the request's matched prefix back to the device
+        from host memory or storage (HiCache), so that it counts as cached."""
+        self.tree_cache.load_back(req)
 
     def release_row(self, req: Req) -> None:
         """Undo `claim_row` (its admission failed)."""
@@ -125,6 +147,19 @@ class KVAccounting:
         if req.req_pool_idx is not None:
             self.tree_cache.cache_finished_req(req)
             req.req_pool_idx = None
+
+    def rollback(self, req: Req, num_tokens: int) -> None:
+        """Give back the KV of the request's newest `num_tokens` committed positions
+        (speculative tokens that were accepted, then cut off by a stop condition)."""
+        keep = req.kv_committed_len - num_tokens
+        free_row_tail(self.req_to_token_pool, self.allocator, req.req_pool_idx, keep,
+                      req.kv_committed_len)
+        req.kv_committed_len = keep
+        req.last_loc = slot_at(self.req_to_token_pool, req.req_pool_idx, keep - 1)
+
+    def make_room(self, num_tokens: int) -> None:
+        """Evict cached prefixes until `num_tokens` slots are free, if they can be."""
+        self._make_room(num_tokens)
 
     def _make_room(self, num_tokens: int) -> None:
         short = num_tokens - self.allocator.available_size()

@@ -2,7 +2,8 @@
 are finished, and gather each step's news for the detokenizer.
 
 Output hooks are the seam for whatever watches requests go by (metrics, tracing,
-request logs): each hook is told of every processed batch and every finished request.
+request logs): each hook is told of every batch launched (after the scheduler's launch
+bookkeeping), every batch processed and every finished request.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, Protocol
 from radixserve.constrained import GrammarManager
 from radixserve.core.batch_result import BatchResult
 from radixserve.core.req import Req
+from radixserve.core import stop_regex
 from radixserve.core.schedule_batch import ScheduleBatch
 from radixserve.managers.io_struct import BatchTokenIDOut
 from radixserve.managers.kv_accounting import KVAccounting
@@ -19,6 +21,7 @@ from radixserve.managers.output_builder import build_token_id_out
 
 
 class OutputHook(Protocol):
+    def on_batch_launched(self, batch: ScheduleBatch) -> None: ...
     def on_batch_processed(self, batch: ScheduleBatch, result: BatchResult) -> None: ...
     def on_request_finished(self, req: Req) -> None: ...
 
@@ -36,6 +39,10 @@ class OutputProcessor:
         # Requests with news for the detokenizer, by identity: a rejected request may
         # share its rid with a live one.
         self._to_emit: dict[int, Req] = {}
+
+    def launched(self, batch: ScheduleBatch) -> None:
+        for hook in self.hooks:
+            hook.on_batch_launched(batch)
 
     def process(self, batch: ScheduleBatch, result: BatchResult) -> None:
         """Fold sampled tokens into their requests; finish the ones that are done."""
@@ -63,12 +70,29 @@ class OutputProcessor:
                 req.output_token_logprobs.append(result.next_token_logprobs[i])
                 req.output_top_logprobs.append(result.next_top_logprobs[i] or [])
             reason = grammar_reasons.get(i) or self.check_finished(req, idx)
+            if result.extra_token_ids is not None:
+                reason = self._take_extra_tokens(req, result.extra_token_ids[i], reason)
             if reason is not None:
                 self.finish(req, reason)
                 continue
             self.emit(req)
         for hook in self.hooks:
             hook.on_batch_processed(batch, result)
+
+    def _take_extra_tokens(self, req: Req, tokens: list[int],
+                           reason: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Speculative decoding: the tokens accepted after the first, up to the first one
+        that ends the request; the KV of those cut off goes back (the worker committed
+        it). Returns the finish reason, if any."""
+        taken = 0
+        while reason is None and taken < len(tokens):
+            req.output_ids.append(tokens[taken])
+            taken += 1
+            req.num_resolved = len(req.output_ids)
+            reason = self.check_finished(req, req.num_resolved - 1)
+        if taken < len(tokens):
+            self.kv.rollback(req, len(tokens) - taken)
+        return reason
 
     def check_finished(self, req: Req, idx: int) -> dict[str, Any] | None:
         """Is the request done after output token `idx`? (Later entries, if any, are
@@ -89,6 +113,15 @@ class OutputProcessor:
             for s in sp.stop_strs:
                 if s in tail:
                     return {"type": "stop", "matched": s}
+        if sp.stop_regex_strs and self.tokenizer is not None:
+            # As in SGLang, "matched" is the pattern, so the detokenizer trims the text
+            # only where the pattern itself occurs in it literally.
+            tail = self.tokenizer.decode(
+                req.output_ids[max(0, n_out - sp.stop_regex_max_len - 1):n_out],
+                skip_special_tokens=sp.skip_special_tokens)
+            pattern = stop_regex.first_match(sp.stop_regex_strs, tail)
+            if pattern is not None:
+                return {"type": "stop", "matched": pattern}
         if n_out >= sp.max_new_tokens:
             return {"type": "length", "length": sp.max_new_tokens}
         if len(req.origin_input_ids) + n_out >= self.context_len:

@@ -117,6 +117,8 @@ class PrefillAdmission:
         """Try to add `req` (fill_ids and prefix set) to the prefill batch; `busy`:
         requests are running (then a request that may outgrow the KV waits)."""
         fresh = req.req_pool_idx is None
+        if fresh:
+            self.kv.load_back(req)
         prefix_len = len(req.prefix_indices) if fresh else req.kv_committed_len
         extend_len = len(req.fill_ids) - prefix_len
         n = budget.chunk_len(extend_len)

@@ -10,8 +10,12 @@ naming `param`.
 The rules:
   * the model's generation defaults (generation_config.json: temperature, top_p, top_k,
     min_p, repetition_penalty) apply under the request's own sampling values;
-  * top_logprobs_num is an integer in [0, MAX_TOP_LOGPROBS]; n is at most MAX_N;
-  * float sampling values are finite, the flags (skip_special_tokens, ...) are bools;
+  * top_logprobs_num is an integer in [0, MAX_TOP_LOGPROBS];
+  * the RequestLimits (flags): n, the number of stop strings and stop token ids, the
+    entries of logit_bias, and a text prompt's size in bytes (checked before it is
+    tokenized);
+  * float sampling values are finite, the flags (skip_special_tokens, ...) are bools,
+    logit_bias maps token ids inside the vocabulary to biases in [-100, 100];
   * a prompt is non-empty, its ids lie in [0, vocab_size), it is shorter than the
     context length, and it fits the KV cache with one token to spare;
   * with return_logprob, logprob_start_len is smaller than the prompt length;
@@ -29,6 +33,7 @@ import uuid
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Sequence
 
+from radixserve.configs.request_limits import DEFAULT_MAX_N, RequestLimits
 from radixserve.core.sampling_params import SamplingParams
 from radixserve.managers.io_struct import TokenizedGenerateReqInput
 
@@ -36,9 +41,9 @@ if TYPE_CHECKING:
     from radixserve.configs.model_config import ModelConfig
 
 MAX_TOP_LOGPROBS = 20
-# Samples per prompt: OpenAI's own cap. The copies of a request are built on the API
-# server's event loop, so an unbounded n stalls every other request.
-MAX_N = 128
+# The default cap on samples per prompt (--max-n). The copies of a request are built
+# before anything runs, so an unbounded n stalls every other request.
+MAX_N = DEFAULT_MAX_N
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 # Keys whose explicit None still means something (not "use the default").
 _NONE_MEANS_SOMETHING = {"max_new_tokens", "stop", "seed"}
@@ -114,7 +119,19 @@ def parse_prompts(text: Any, input_ids: Any) -> tuple[list[str] | list[list[int]
     return [list(seq) for seq in batch], single
 
 
-def tokenize_prompts(prompts: Sequence[str] | Sequence[list[int]], tokenizer: Any) -> list[Prompt]:
+def check_prompt_bytes(text: str, max_bytes: int, param: str = "text") -> None:
+    """Refuse a text prompt larger than --max-prompt-bytes before tokenizing it."""
+    # Every character is 1-4 bytes in UTF-8: most prompts are decided without encoding.
+    if len(text) * 4 <= max_bytes:
+        return
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise InvalidRequestError(f"the prompt is {size} bytes; the limit is {max_bytes} "
+                                  f"(--max-prompt-bytes)", param)
+
+
+def tokenize_prompts(prompts: Sequence[str] | Sequence[list[int]], tokenizer: Any,
+                     max_prompt_bytes: int | None = None) -> list[Prompt]:
     """(text, ids) per prompt; text prompts need a tokenizer."""
     out: list[Prompt] = []
     for p in prompts:
@@ -122,6 +139,8 @@ def tokenize_prompts(prompts: Sequence[str] | Sequence[list[int]], tokenizer: An
             if tokenizer is None:
                 raise InvalidRequestError("text needs a tokenizer (skip_tokenizer_init is "
                                           "set); send input_ids", "text")
+            if max_prompt_bytes is not None:
+                check_prompt_bytes(p, max_prompt_bytes)
             out.append((p, list(tokenizer.encode(p))))
         else:
             out.append((None, list(p)))
@@ -131,8 +150,9 @@ def tokenize_prompts(prompts: Sequence[str] | Sequence[list[int]], tokenizer: An
 class RequestValidator:
     """Checks requests against one model's limits and builds what the scheduler runs."""
 
-    def __init__(self, limits: ModelLimits) -> None:
+    def __init__(self, limits: ModelLimits, request_limits: RequestLimits | None = None) -> None:
         self.limits = limits
+        self.request_limits = request_limits or RequestLimits()
 
     # --- whole requests -----------------------------------------------------------
 
@@ -144,7 +164,9 @@ class RequestValidator:
         """parse_prompts + tokenize_prompts + build; also says whether one prompt was
         given (an n > 1 request still gives several outputs)."""
         prompts, single = parse_prompts(text, input_ids)
-        reqs = self.build(tokenize_prompts(prompts, tokenizer), sampling_params,
+        reqs = self.build(tokenize_prompts(prompts, tokenizer,
+                                           self.request_limits.max_prompt_bytes),
+                          sampling_params,
                           return_logprob=return_logprob, logprob_start_len=logprob_start_len,
                           top_logprobs_num=top_logprobs_num, stream=stream, rid=rid)
         return reqs, single
@@ -196,9 +218,59 @@ class RequestValidator:
                 ))
         return reqs
 
-    def check_tokenized(self, req: TokenizedGenerateReqInput) -> None:
-        """The scheduler's last-line check of a request that arrived over IPC."""
+    def check_tokenized(self, req: Any) -> None:
+        """The scheduler's last-line check of a request that arrived over IPC: every
+        field's type and range, as build() would have made them. A message that did not
+        come from build() (a bug, another version, a stray writer on the socket) is
+        refused here, for its own request alone, instead of failing inside the step."""
+        if not isinstance(req, TokenizedGenerateReqInput):
+            raise InvalidRequestError(f"not a request: {type(req).__name__}", None)
+        if not isinstance(req.rid, str):
+            raise InvalidRequestError("rid must be a string", "rid")
+        if req.input_text is not None and not isinstance(req.input_text, str):
+            raise InvalidRequestError("input_text must be a string or null", "text")
+        if not isinstance(req.input_ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in req.input_ids):
+            raise InvalidRequestError("input_ids must be a list of integers", "input_ids")
+        for name in ("return_logprob", "stream"):
+            if not isinstance(getattr(req, name), bool):
+                raise InvalidRequestError(f"{name} must be true or false", name)
+        self.check_top_logprobs_num(req.top_logprobs_num)
+        self.check_logprob_start_len(req.logprob_start_len)
+        self._check_sent_params(req.sampling_params)
         self.check_prompt_ids(req.input_ids)
+
+    def is_well_formed(self, req: Any) -> bool:
+        try:
+            self.check_tokenized(req)
+        except InvalidRequestError:
+            return False
+        return True
+
+    def _check_sent_params(self, params: Any) -> None:
+        """The SamplingParams of a request on its way to the scheduler, normalized."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("sampling_params must be SamplingParams",
+                                      "sampling_params")
+        try:
+            params.verify()
+        except (TypeError, ValueError) as exc:
+            raise _sampling_error(exc) from exc
+        for name in ("json_schema", "regex", "ebnf"):
+            if getattr(params, name) is not None and not isinstance(getattr(params, name), str):
+                raise InvalidRequestError(f"{name} must be a string", name)
+        if not isinstance(params.stop_strs, list) or not all(
+                isinstance(x, str) and x for x in params.stop_strs) or not isinstance(
+                params.stop_str_max_len, int) or params.stop_str_max_len < max(
+                map(len, params.stop_strs), default=0):
+            raise InvalidRequestError("stop strings were not normalized", "stop")
+        if params.n != 1:
+            raise InvalidRequestError("n must be expanded before the scheduler", "n")
+        vocab = self.limits.vocab_size
+        if params.logit_bias is not None and not all(
+                isinstance(t, int) and 0 <= t < vocab for t in params.logit_bias):
+            raise InvalidRequestError("logit_bias must map token ids in the vocabulary",
+                                      "logit_bias")
 
     # --- pieces -------------------------------------------------------------------
 
@@ -285,15 +357,32 @@ class RequestValidator:
         fitted.min_new_tokens = min(fitted.min_new_tokens, room)
         return fitted
 
-    @staticmethod
-    def _checked(params: SamplingParams) -> SamplingParams:
+    def _checked(self, params: SamplingParams) -> SamplingParams:
+        rl = self.request_limits
+        # Counted before verify() walks them.
+        if params.n is not None and isinstance(params.n, int) and params.n > rl.max_n:
+            raise InvalidRequestError(f"n must be at most {rl.max_n}, got {params.n} "
+                                      f"(--max-n)", "n")
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(params, name)
+            if isinstance(value, list) and len(value) > rl.max_stop_strings:
+                raise InvalidRequestError(f"{name} has {len(value)} entries; the limit is "
+                                          f"{rl.max_stop_strings} (--max-stop-strings)", name)
+        bias = params.logit_bias
+        if isinstance(bias, dict) and len(bias) > rl.max_logit_bias_entries:
+            raise InvalidRequestError(f"logit_bias has {len(bias)} entries; the limit is "
+                                      f"{rl.max_logit_bias_entries} (--max-logit-bias-entries)",
+                                      "logit_bias")
         try:
             params.verify()
             params.normalize()
         except (TypeError, ValueError) as exc:
             raise _sampling_error(exc) from exc
-        if params.n > MAX_N:
-            raise InvalidRequestError(f"n must be at most {MAX_N}, got {params.n}", "n")
+        vocab = self.limits.vocab_size
+        outside = [t for t in params.logit_bias or () if not 0 <= t < vocab]
+        if outside:
+            raise InvalidRequestError(f"logit_bias has token ids outside [0, {vocab}): "
+                                      f"{outside[:5]}", "logit_bias")
         return params
 
 

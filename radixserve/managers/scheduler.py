@@ -16,6 +16,7 @@ docs/architecture.md shows them together.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -25,6 +26,7 @@ from radixserve.configs.model_config import ModelConfig
 from radixserve.constrained import GrammarManager
 from radixserve.core.forward_batch import ForwardMode
 from radixserve.core.req import Req
+from radixserve.core.sampling_params import SamplingParams
 from radixserve.core.schedule_batch import ScheduleBatch
 from radixserve.managers.batch_worker import BatchWorker
 from radixserve.managers.decode_batching import DecodeBatcher
@@ -37,9 +39,13 @@ from radixserve.managers.request_validation import ModelLimits, RequestValidator
 from radixserve.managers.schedule_policy import SchedulePolicy
 from radixserve.managers.scheduler_config import SchedulerConfig
 from radixserve.managers.scheduler_interface import SchedulerInterface
-from radixserve.managers.scheduler_stats import SchedulerStats
+from radixserve.managers.scheduler_observers import attach_observers
+from radixserve.managers.scheduler_stats import FinishedRequestCounter, SchedulerStats
 from radixserve.model_executor.model_runner import ModelRunner, PendingBatch
 from radixserve.server_args import ServerArgs
+from radixserve.speculative import make_batch_worker
+
+logger = logging.getLogger(__name__)
 
 Launched = tuple[ScheduleBatch, PendingBatch]
 
@@ -56,15 +62,18 @@ class Scheduler(SchedulerInterface):
             tokenizer = get_tokenizer(load)
         self.tokenizer = tokenizer
         self.model_runner = ModelRunner(server_args.runner_config(), self.model_config)
-        self.worker: BatchWorker = self.model_runner
         mr = self.model_runner
         self.max_total_num_tokens = mr.max_total_num_tokens
         self.context_len = self.model_config.context_len
         self.validator = RequestValidator(self.model_limits())
         tree_cache = make_prefix_cache(mr.req_to_token_pool, mr.token_to_kv_pool_allocator,
-                                       config.page_size, config.disable_radix_cache)
+                                       config.page_size, config.disable_radix_cache,
+                                       server_args.hicache_config(), mr.token_to_kv_pool)
         self.kv = KVAccounting(mr.req_to_token_pool, mr.token_to_kv_pool_allocator,
                                tree_cache, config.page_size)
+        self.worker: BatchWorker = make_batch_worker(
+            server_args.speculative_config(), mr, server_args.runner_config(),
+            self.kv.make_room)
         self.grammar = GrammarManager(server_args.grammar_backend, self.tokenizer,
                                       self.model_config.vocab_size,
                                       self.model_config.eos_token_ids)
@@ -85,6 +94,8 @@ class Scheduler(SchedulerInterface):
         # Overlap: the batch launched last step, processed after the next one launches.
         self.overlap = config.overlap_on(mr.device.type)
         self._in_flight: Launched | None = None
+        self.output.hooks.append(FinishedRequestCounter(self.stats))
+        attach_observers(self, server_args)  # batch log lines, metrics
 
     @property
     def chunked_req(self) -> Req | None:
@@ -100,6 +111,18 @@ class Scheduler(SchedulerInterface):
         return limits_from(self.model_config, self.max_total_num_tokens)
 
     def add_request(self, recv: TokenizedGenerateReqInput) -> None:
+        try:
+            # The same rules the request was already validated by before it was sent
+            # (request_validation.py): a last line against what arrives over IPC.
+            self.validator.check_tokenized(recv)
+        except ValueError as e:
+            rid = getattr(recv, "rid", None)
+            if isinstance(rid, str) and rid not in self._rids:
+                # Answered from a stand-in: the message's own fields cannot be trusted.
+                self._reject(Req(rid, [0], SamplingParams()), str(e), getattr(e, "param", None))
+            else:
+                logger.warning("dropped a malformed request message: %s", e)
+            return
         sp = recv.sampling_params
         req = Req(recv.rid, recv.input_ids, sp, origin_input_text=recv.input_text,
                   return_logprob=recv.return_logprob, logprob_start_len=recv.logprob_start_len,
@@ -109,9 +132,6 @@ class Scheduler(SchedulerInterface):
             self._reject(req, f"duplicate request id {recv.rid!r}")
             return
         try:
-            # The same rules the request was already validated by before it was sent
-            # (request_validation.py): a last line against what arrives over IPC.
-            self.validator.check_tokenized(recv)
             self.grammar.add_request(req)  # starts compiling its grammar, if any
         except ValueError as e:
             self._reject(req, str(e), getattr(e, "param", None))
@@ -203,6 +223,7 @@ class Scheduler(SchedulerInterface):
     def _launch(self, batch: ScheduleBatch, placeholders_pending: bool) -> PendingBatch:
         pending = self.worker.launch_forward(batch, placeholders_pending)
         self._on_launch(batch, pending.future_base)
+        self.output.launched(batch)
         return pending
 
     def _process(self, launched: Launched) -> None:
@@ -293,6 +314,12 @@ class Scheduler(SchedulerInterface):
         self.kv.tree_cache.reset()
         return True
 
+    def _queue_head(self, n: int = 8) -> list[dict[str, Any]]:
+        """The first waiting requests in arrival order (for /dashboard)."""
+        now = time.perf_counter()
+        return [{"rid": r.rid, "prompt_tokens": len(r.origin_input_ids),
+                 "waited_s": now - r.time_received} for r in self.waiting_queue[:n]]
+
     def get_server_info(self) -> ServerInfo:
         cache = self.kv.tree_cache
         return ServerInfo(
@@ -304,4 +331,10 @@ class Scheduler(SchedulerInterface):
             num_waiting_reqs=len(self.waiting_queue),
             num_retractions=self.stats.num_retractions,
             total_prefill_tokens=self.stats.total_prefill_tokens,
-            total_cached_tokens=self.stats.total_cached_tokens)
+            total_cached_tokens=self.stats.total_cached_tokens,
+            extra={**cache.tier_stats(), "queue_head": self._queue_head()},
+            num_requests_total=self.stats.num_requests_total,
+            num_aborted_requests_total=self.stats.num_aborted_requests_total,
+            prompt_tokens_total=self.stats.prompt_tokens_total,
+            generation_tokens_total=self.stats.generation_tokens_total,
+            cached_tokens_total=self.stats.cached_tokens_total)

@@ -24,8 +24,12 @@ from radixserve.managers.io_struct import (
     RegisterStopStrsReq,
     TokenizedGenerateReqInput,
 )
-from radixserve.managers.ipc import PortArgs, start_parent_watchdog, zmq_socket
+from radixserve.managers.ipc import (MALFORMED, PortArgs, recv_message, start_parent_watchdog,
+                                     zmq_socket)
+from radixserve.managers.request_validation import RequestValidator
 from radixserve.managers.scheduler_interface import SchedulerInterface
+from radixserve.managers.step_watchdog import StepWatchdog
+from radixserve.metrics.log_format import configure_logging
 from radixserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -45,8 +49,12 @@ def model_info(scheduler: SchedulerInterface) -> dict[str, Any]:
 class SchedulerLoop:
     """Owns the sockets; `run_forever` alternates receiving requests and stepping."""
 
-    def __init__(self, scheduler: SchedulerInterface, port_args: PortArgs) -> None:
+    def __init__(self, scheduler: SchedulerInterface, port_args: PortArgs,
+                 watchdog_timeout: float | None = None) -> None:
         self.scheduler = scheduler
+        self.watchdog = StepWatchdog(watchdog_timeout)
+        # To read a message's stop strings only once they are known to be sound.
+        self.validator = RequestValidator(scheduler.model_limits())
         context = zmq.Context(2)
         self.recv = zmq_socket(context, zmq.PULL, port_args.scheduler_input_ipc, bind=True)
         self.to_detokenizer = zmq_socket(context, zmq.PUSH, port_args.detokenizer_ipc, bind=False)
@@ -58,27 +66,40 @@ class SchedulerLoop:
             if busy or self.recv.poll(_IDLE_POLL_MS):
                 self._drain_requests()
             if self.scheduler.has_work():
+                self.watchdog.begin()
                 out = self.scheduler.step()
+                self.watchdog.end()
                 if out is not None and out.rids:
                     self.to_detokenizer.send_pyobj(out)
 
     def _drain_requests(self) -> None:
         while True:
             try:
-                msg = self.recv.recv_pyobj(zmq.NOBLOCK)
+                msg = recv_message(self.recv, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._dispatch(msg)
+            try:
+                self._dispatch(msg)
+            except Exception:  # one message must not take down every other request
+                logger.exception("scheduler failed to handle %r", type(msg).__name__)
 
     def _dispatch(self, msg: object) -> None:
         if isinstance(msg, TokenizedGenerateReqInput):
-            # Sent ahead of any output on the same socket, so it arrives first.
-            stops = msg.sampling_params.stop_strs
-            if stops:
-                self.to_detokenizer.send_pyobj(RegisterStopStrsReq(msg.rid, list(stops)))
+            if self.validator.is_well_formed(msg):
+                # Sent ahead of any output on the same socket, so it arrives first.
+                stops = msg.sampling_params.stop_strs
+                if stops:
+                    self.to_detokenizer.send_pyobj(RegisterStopStrsReq(msg.rid, list(stops)))
+            # add_request answers a malformed one with a 400 for that rid alone.
             self.scheduler.add_request(msg)
         elif isinstance(msg, AbortReq):
-            self.scheduler.abort_request(msg.rid)
+            if isinstance(msg.rid, str):
+                self.scheduler.abort_request(msg.rid)
+            else:
+                logger.warning("scheduler ignores an abort whose rid is a %s",
+                               type(msg.rid).__name__)
+        elif msg is MALFORMED:
+            pass  # logged by recv_message
         elif isinstance(msg, FlushCacheReq):
             self.to_tokenizer.send_pyobj(FlushCacheReqOutput(self.scheduler.flush_cache()))
         elif isinstance(msg, GetServerInfoReq):
@@ -112,17 +133,19 @@ def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs,
         bind_device(server_args.parallel_config(), 0, dp_rank)  # DP replica d takes GPU d
         return Scheduler(server_args)
 
-    serve_scheduler_loop(make_scheduler, port_args, ready_pipe, "scheduler")
+    serve_scheduler_loop(make_scheduler, port_args, ready_pipe, "scheduler",
+                         server_args.watchdog_timeout)
 
 
 def serve_scheduler_loop(make_scheduler: Callable[[], SchedulerInterface], port_args: PortArgs,
-                         ready_pipe: Connection, what: str) -> None:
+                         ready_pipe: Connection, what: str,
+                         watchdog_timeout: float | None = None) -> None:
     """Build the scheduler (or anything with its interface), report readiness and model
     info through the pipe, then loop forever; a failure at either stage is logged and
     ends the process non-zero, which the API server watches for."""
     try:
         scheduler = make_scheduler()
-        loop = SchedulerLoop(scheduler, port_args)
+        loop = SchedulerLoop(scheduler, port_args, watchdog_timeout)
         ready_pipe.send({"status": "ready", **model_info(scheduler)})
     except Exception as exc:
         logger.exception("%s failed to start", what)
@@ -163,6 +186,5 @@ def run_tp_follower_process(server_args: ServerArgs, tp_rank: int, dp_rank: int,
 
 def setup_worker_process(server_args: ServerArgs, name: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent shuts us down
-    logging.basicConfig(level=server_args.log_level.upper(),
-                        format=f"[{name}] %(levelname)s %(message)s")
+    configure_logging(server_args.log_level, name)
     start_parent_watchdog()

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -26,18 +28,21 @@ from radixserve.managers.io_struct import (
     ServerInfo,
     TokenizedGenerateReqInput,
 )
-from radixserve.managers.ipc import PortArgs, zmq_socket
+from radixserve.managers.ipc import PortArgs, decode_message, zmq_socket
 from radixserve.managers.request_validation import (
     InvalidRequestError,
     ModelLimits,
     RequestValidator,
 )
+from radixserve.metrics.request_observer import make_request_observer
 from radixserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
 # How often a waiting non-streaming request checks whether its client left.
 _DISCONNECT_POLL_S = 0.5
+
+T = TypeVar("T")
 
 
 class ServerDeadError(RuntimeError):
@@ -79,6 +84,7 @@ class _ReqState:
     finished: bool = False
     completion_tokens: int = 0
     cached_tokens: int = 0
+    spec_verify_ct: int = 0  # speculative decoding's verify passes (0: none)
     input_token_logprobs: list[list[Any]] = field(default_factory=list)
     input_top_logprobs: list[Any] = field(default_factory=list)
     output_token_logprobs: list[list[Any]] = field(default_factory=list)
@@ -91,7 +97,7 @@ class TokenizerManager:
         self.server_args = server_args
         self.model_info = model_info
         self.limits = ModelLimits.from_model_info(model_info)
-        self.validator = RequestValidator(self.limits)
+        self.validator = RequestValidator(self.limits, server_args.request_limits())
         self.tokenizer = tokenizer
         self.served_model_name = server_args.served_model_name or str(server_args.model_path)
         self._sync_context = zmq.Context(1)
@@ -105,6 +111,13 @@ class TokenizerManager:
         self._flush_waiters: deque[asyncio.Future] = deque()
         self.dead_reason: str | None = None
         self._loop_task: asyncio.Task | None = None
+        # Request timings and counters, --log-requests lines, the trace's root span.
+        self.observer = make_request_observer(server_args, self.served_model_name)
+        # Tokenizing (and templating) a large prompt takes seconds; done on the event
+        # loop it would stall /health and every other request. One thread: the HF
+        # tokenizer releases the GIL while it encodes, and one worker never runs two
+        # encodes on the same tokenizer at once (not every tokenizer allows that).
+        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -130,9 +143,14 @@ class TokenizerManager:
 
     # --- generation ------------------------------------------------------------
 
-    def generate(self, obj: GenerateReqInput,
-                 request: Disconnectable | None = None) -> AsyncIterator[dict[str, Any]]:
-        """Validate now (InvalidRequestError), then iterate the returned outputs:
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(*args) in the tokenizer thread (so the event loop keeps serving)."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
+
+    async def generate(self, obj: GenerateReqInput,
+                       request: Disconnectable | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Tokenize and validate now (InvalidRequestError; in the tokenizer thread), then
+        iterate the returned outputs:
         {"index", "text", "delta", "output_ids", "meta_info", "finished"}.
 
         Streaming requests yield every update; others yield once per finished
@@ -142,11 +160,13 @@ class TokenizerManager:
         lets a non-streaming request notice that its client left.
         """
         self._check_alive()
-        reqs = self._tokenize_and_validate(obj)
-        return self._run(reqs, obj.stream, obj.return_text_in_logprobs, request)
+        received = time.perf_counter()
+        reqs = await self.off_loop(self._tokenize_and_validate, obj)
+        return self._run(reqs, obj.stream, obj.return_text_in_logprobs, request, received)
 
     async def _run(self, reqs: list[TokenizedGenerateReqInput], stream: bool, with_text: bool,
-                   request: Disconnectable | None) -> AsyncIterator[dict[str, Any]]:
+                   request: Disconnectable | None, received: float
+                   ) -> AsyncIterator[dict[str, Any]]:
         queue: asyncio.Queue = asyncio.Queue()
         states = {
             req.rid: _ReqState(index=index, rid=req.rid, prompt_tokens=len(req.input_ids),
@@ -158,6 +178,7 @@ class TokenizerManager:
             raise InvalidRequestError("a request with this rid is already running", "rid")
         self._states.update(states)
         try:
+            self.observer.on_sent(reqs, received)
             for req in reqs:
                 self._to_scheduler.send_pyobj(req)
             remaining = len(states)
@@ -207,6 +228,9 @@ class TokenizerManager:
             "completion_tokens": state.completion_tokens,
             "cached_tokens": state.cached_tokens,
         }
+        if state.spec_verify_ct:
+            meta.update(spec_verify_ct=state.spec_verify_ct,
+                        spec_accept_length=state.completion_tokens / state.spec_verify_ct)
         if state.return_logprob:
             meta.update(
                 input_token_logprobs=state.input_token_logprobs,
@@ -264,7 +288,7 @@ class TokenizerManager:
 
     async def _handle_loop(self) -> None:
         while True:
-            msg = await self._from_workers.recv_pyobj()
+            msg = decode_message(await self._from_workers.recv())
             try:
                 self._dispatch(msg)
             except Exception:  # one bad message must not strand every other request
@@ -281,6 +305,7 @@ class TokenizerManager:
             logger.warning("tokenizer manager ignores unexpected %r", type(msg).__name__)
 
     def _dispatch_outputs(self, out: BatchStrOut) -> None:
+        self.observer.on_output(out)
         for i, rid in enumerate(out.rids):
             state = self._states.get(rid)
             if state is None:
@@ -289,11 +314,18 @@ class TokenizerManager:
             state.output_ids.extend(out.output_ids[i])
             state.completion_tokens = out.completion_tokens[i]
             state.cached_tokens = out.cached_tokens[i]
+            if out.spec_verify_ct:
+                state.spec_verify_ct = out.spec_verify_ct[i]
             if state.return_logprob:
                 self._append_logprobs(state, out, i)
             if out.finished_reasons[i] is not None:
                 state.finish_reason = out.finished_reasons[i]
                 state.finished = True
+                reason = state.finish_reason
+                if isinstance(reason, dict) and reason.get("type") == "abort":
+                    # An abort may come from the detokenizer (a row it could not
+                    # decode), which the scheduler never hears of: let it free the KV.
+                    self._to_scheduler.send_pyobj(AbortReq(rid))
             state.queue.put_nowait(state)
 
     def _append_logprobs(self, state: _ReqState, out: BatchStrOut, i: int) -> None:

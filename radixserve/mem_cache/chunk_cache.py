@@ -6,6 +6,8 @@ finishes; "caching" a chunk only records which slots the next chunk builds on.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from radixserve.core.req import Req
@@ -49,6 +51,12 @@ class ChunkCache:
 
     def evict(self, num_tokens: int) -> int:
         return 0
+
+    def load_back(self, req: Req) -> None:
+        """Nothing is cached, so nothing comes back."""
+
+    def tier_stats(self) -> dict[str, Any]:
+        return {}
 
     # None too: without a radix cache the scheduler never matches, so last_node stays None.
     def inc_lock_ref(self, node: TreeNode | None) -> int:

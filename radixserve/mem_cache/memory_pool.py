@@ -6,9 +6,16 @@ padding, dummy requests) write their K/V there, so they never touch a live slot.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from radixserve.device_utils import to_device_async
+
+# Set on a KV pool by HiCache while a load-back from host memory is in flight: the
+# attention layer calls it with its layer id before reading the pool, so that the
+# layer's copy has landed (mem_cache/hicache/transfer.py).
+LayerReady = Callable[[int], None]
 
 
 class ReqToTokenPool:
@@ -82,6 +89,7 @@ class MHATokenToKVPool:
                          for _ in range(num_layers)]
         self.v_buffer = [torch.zeros((size + 1, num_kv_heads, self.v_head_dim), dtype=dtype,
                                      device=device) for _ in range(num_layers)]
+        self.layer_ready: LayerReady | None = None
 
     def get_key_buffer(self, layer_id: int) -> torch.Tensor:
         return self.k_buffer[layer_id]
@@ -118,6 +126,7 @@ class MLATokenToKVPool:
         self.device = device
         self.kv_buffer = [torch.zeros((size + 1, 1, kv_lora_rank + qk_rope_head_dim),
                                       dtype=dtype, device=device) for _ in range(num_layers)]
+        self.layer_ready: LayerReady | None = None
 
     def get_key_buffer(self, layer_id: int) -> torch.Tensor:
         return self.kv_buffer[layer_id]

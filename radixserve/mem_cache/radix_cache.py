@@ -20,6 +20,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -206,7 +207,7 @@ class RadixCache:
         freed = 0
         while freed < num_tokens and heap:
             _, _, node = heapq.heappop(heap)
-            self.token_to_kv_pool_allocator.free(node.value)
+            self._release_evicted(node)
             freed += len(node.value)
             self._evictable_size -= len(node.key)
             parent = node.parent
@@ -215,6 +216,16 @@ class RadixCache:
             if parent is not self.root_node and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, (parent.last_access_time, parent.id, parent))
         return freed
+
+    def _release_evicted(self, node: TreeNode) -> None:
+        """Give an evicted node's slots back (HiCache first copies them to the host)."""
+        self.token_to_kv_pool_allocator.free(node.value)
+
+    def load_back(self, req: Req) -> None:
+        """Nothing lives below the device here (HiCache loads host pages back)."""
+
+    def tier_stats(self) -> dict[str, Any]:
+        return {}
 
     def evictable_size(self) -> int:
         return self._evictable_size

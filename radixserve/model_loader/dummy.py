@@ -14,7 +14,9 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> No
     for name, param in model.named_parameters():
         gen = torch.Generator(device=param.device).manual_seed(seed)
         seed += 1  # a different stream per tensor, same values on every run
-        if name.endswith("norm.weight"):
+        if hasattr(param, "init_dummy"):  # quantized tensors: codes and scales in range
+            param.init_dummy(param.data, gen)
+        elif name.endswith("norm.weight"):
             param.data.fill_(1.0)
         elif name.endswith(".bias"):
             param.data.zero_()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterator
 
 import torch
@@ -15,8 +16,12 @@ from radixserve.configs.gguf_config import resolve_gguf_file
 from radixserve.configs.load_config import LoadConfig
 from radixserve.configs.model_config import ModelConfig
 from radixserve.distributed.parallel_state import get_tp_group
+from radixserve.layers.quantization import quantization_scope
 from radixserve.model_loader.dummy import init_dummy_weights
 from radixserve.model_loader.gguf_loader import count_gguf_tensors, iterate_gguf
+from radixserve.model_loader.quantization import (prepare_quantized_model,
+                                                  process_weights_after_loading,
+                                                  quant_config_for)
 from radixserve.model_loader.safetensors_loader import (count_tensors, iterate_safetensors,
                                                         safetensors_files)
 from radixserve.models.registry import get_model_class
@@ -27,10 +32,15 @@ logger = logging.getLogger(__name__)
 def load_model(load: LoadConfig, model_config: ModelConfig) -> nn.Module:
     model_cls = get_model_class(model_config.architecture)
     device = torch.device(load.device)
+    start = time.perf_counter()
     # Parameters are allocated directly on the device in the serving dtype: no CPU copy
     # of the whole model, and no float32 detour for bf16 weights.
-    with torch.device(device), _default_dtype(model_config.dtype):
+    quant_config = quant_config_for(load, model_config)
+    with torch.device(device), _default_dtype(model_config.dtype), \
+            quantization_scope(quant_config):
         model = model_cls(model_config.hf_config)
+        if quant_config is not None:
+            prepare_quantized_model(model, quant_config)
     fmt = resolve_load_format(load)
     if fmt == "dummy":
         init_dummy_weights(model, seed=load.random_seed)
@@ -38,8 +48,9 @@ def load_model(load: LoadConfig, model_config: ModelConfig) -> nn.Module:
         weights, total = _weights(fmt, model_config)
         model.load_weights(tqdm(weights, total=total, desc=f"Loading {fmt} weights",
                                 unit="tensor"))
-    logger.info("loaded %s (%s, %s) on %s", model_config.architecture, fmt,
-                model_config.dtype, device)
+    process_weights_after_loading(model)
+    logger.info("loaded %s (%s, %s) on %s in %.2f s", model_config.architecture, fmt,
+                model_config.dtype, device, time.perf_counter() - start)
     return model.eval()
 
 

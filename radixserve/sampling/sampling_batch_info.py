@@ -47,6 +47,10 @@ class SamplingBatchInfo:
     min_tokens_rows: torch.Tensor | None  # [N] int64
     min_tokens_cols: torch.Tensor | None  # [N] int64
     vocab_size: int
+    # logit_bias: (row, token, bias) triples added to the logits; None when no row has one.
+    bias_rows: torch.Tensor | None = None  # [M] int64
+    bias_cols: torch.Tensor | None = None  # [M] int64
+    bias_values: torch.Tensor | None = None  # [M] float32
     # Structured output: each row's xgrammar matcher (None: no grammar); None when no
     # row has one. update_vocab_mask() turns them into vocab_mask.
     grammar_matchers: list[Any] | None = None
@@ -63,6 +67,7 @@ class SamplingBatchInfo:
                        if p.seed is not None and k != 1]
         any_seeded = bool(seeded_rows)
         rows, cols = _min_tokens_blocklist(reqs, vocab_size)
+        b_rows, b_cols, b_values = _logit_bias_entries(reqs)
 
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
             return host_to_device(values, dtype, device)
@@ -84,6 +89,9 @@ class SamplingBatchInfo:
             min_tokens_cols=tensor(cols, torch.int64) if rows else None,
             vocab_size=vocab_size,
             grammar_matchers=_grammar_matchers(reqs),
+            bias_rows=tensor(b_rows, torch.int64) if b_rows else None,
+            bias_cols=tensor(b_cols, torch.int64) if b_rows else None,
+            bias_values=tensor(b_values, torch.float32) if b_rows else None,
         )
 
     def update_vocab_mask(self, buffers: HostBitmasks) -> None:
@@ -101,19 +109,24 @@ class SamplingBatchInfo:
     @property
     def has_logits_processors(self) -> bool:
         return (self.penalties is not None or self.min_tokens_rows is not None
-                or self.vocab_mask is not None)
+                or self.vocab_mask is not None or self.bias_rows is not None)
 
     @property
     def has_only_grammar_mask(self) -> bool:
         """The grammar mask is the batch's one logits processor: a greedy batch's tokens
         are then a masked argmax of the raw logits."""
         return (self.vocab_mask is not None and self.penalties is None
-                and self.min_tokens_rows is None)
+                and self.min_tokens_rows is None and self.bias_rows is None)
 
     def apply_logits_processors(self, logits: torch.Tensor) -> None:
-        """Apply penalties and the min_new_tokens block to `logits` ([B, V] float32) in place."""
+        """Apply penalties, logit_bias, the min_new_tokens block and the grammar mask to
+        `logits` ([B, V] float32) in place. The bias comes before the blocks, so that no
+        bias can bring back a token they rule out."""
         if self.penalties is not None:
             self.penalties.apply(logits)
+        if self.bias_rows is not None:
+            logits.index_put_((self.bias_rows, self.bias_cols), self.bias_values,
+                              accumulate=True)
         if self.min_tokens_rows is not None and self.min_tokens_cols is not None:
             logits[self.min_tokens_rows, self.min_tokens_cols] = float("-inf")
         if self.vocab_mask is not None:
@@ -147,12 +160,25 @@ def _is_plain_greedy(req: Req) -> bool:
     p = req.sampling_params
     return (p.top_k == 1 and req.grammar is None and p.repetition_penalty == 1.0
             and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
-            and len(req.output_ids) >= p.min_new_tokens)
+            and len(req.output_ids) >= p.min_new_tokens and not p.logit_bias)
 
 
 def _grammar_matchers(reqs: list[Req]) -> list | None:
     matchers = [r.grammar.matcher if r.grammar is not None else None for r in reqs]
     return matchers if any(m is not None for m in matchers) else None
+
+
+def _logit_bias_entries(reqs: list[Req]) -> tuple[list[int], list[int], list[float]]:
+    """(rows, tokens, biases) of every request's logit_bias (ids checked on admission)."""
+    rows: list[int] = []
+    cols: list[int] = []
+    values: list[float] = []
+    for i, req in enumerate(reqs):
+        for token, bias in (req.sampling_params.logit_bias or {}).items():
+            rows.append(i)
+            cols.append(token)
+            values.append(bias)
+    return rows, cols, values
 
 
 def _min_tokens_blocklist(reqs: list[Req], vocab_size: int) -> tuple[list[int], list[int]]:

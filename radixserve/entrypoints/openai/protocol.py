@@ -8,12 +8,16 @@ ignored, as clients send options radixserve does not implement (user, metadata).
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from radixserve.constrained.xgrammar_backend import ANY_JSON, GrammarError, json_schema_ebnf
 from radixserve.managers.request_validation import MAX_TOP_LOGPROBS, InvalidRequestError
+
+
+logger = logging.getLogger(__name__)
 
 
 class RequestModel(BaseModel):
@@ -84,9 +88,11 @@ class _SamplingRequest(RequestModel):
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
     stop_token_ids: list[int] | None = None
+    stop_regex: str | list[str] | None = None
     response_format: ResponseFormat | None = None
-    # Not applied by the sampler yet: a request that sets it is refused (check_sampling)
-    # rather than answered as if it had not.
+    # SGLang's grammar extras; with response_format too, the request is a 400.
+    regex: str | None = None
+    ebnf: str | None = None
     logit_bias: dict[str, Any] | None = None
 
     def sampling_params(self, max_new_tokens: int | None) -> dict[str, Any]:
@@ -110,11 +116,11 @@ class _SamplingRequest(RequestModel):
             "no_stop_trim": self.no_stop_trim,
             "n": self.n,
             "seed": self.seed,
+            "stop_regex": self.stop_regex,
+            "regex": self.regex,
+            "ebnf": self.ebnf,
+            "logit_bias": self.logit_bias,
         }
-
-    def check_sampling(self) -> None:
-        if self.logit_bias:
-            raise InvalidRequestError("logit_bias is not supported yet", "logit_bias")
 
     @property
     def include_usage(self) -> bool:
@@ -128,7 +134,6 @@ class CompletionRequest(_SamplingRequest):
     echo: bool = False
 
     def check(self) -> None:
-        self.check_sampling()
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequestError(
                 f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}", "logprobs")
@@ -226,7 +231,6 @@ class ChatCompletionRequest(_SamplingRequest):
     separate_reasoning: bool = True
 
     def check(self) -> None:
-        self.check_sampling()
         if self.top_logprobs is not None:
             if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
                 raise InvalidRequestError(
@@ -260,6 +264,13 @@ def parse_request(model: type[RequestModel], body: Any) -> Any:
         request = model.model_validate(body)
     except ValidationError as exc:
         raise validation_error(exc) from None
+    known = set(model.model_fields) | {
+        f.alias for f in model.model_fields.values() if f.alias}
+    unknown = sorted(set(body) - known)
+    if unknown:
+        # Clients send options radixserve does not implement; say so instead of
+        # answering as if they had been applied.
+        logger.warning("%s: ignoring unknown field(s) %s", model.__name__, unknown)
     check = getattr(request, "check", None)
     if check is not None:
         check()

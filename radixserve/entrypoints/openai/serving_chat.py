@@ -33,7 +33,7 @@ from radixserve.entrypoints.openai.serving_completions import (
     rename_param,
     sse_events,
 )
-from radixserve.managers.request_validation import InvalidRequestError
+from radixserve.managers.request_validation import InvalidRequestError, check_prompt_bytes
 from radixserve.managers.tokenizer_manager import GenerateReqInput, TokenizerManager
 from radixserve.parsers import get_reasoning_parser
 
@@ -57,6 +57,7 @@ def apply_chat_template(tm: TokenizerManager, req: ChatCompletionRequest,
     except Exception as exc:  # a template may raise on message orders it rejects
         raise InvalidRequestError(f"the chat template rejected the messages: {exc}",
                                   "messages") from exc
+    check_prompt_bytes(prompt, tm.validator.request_limits.max_prompt_bytes, "messages")
     # The template already wrote any BOS/special tokens it wants.
     return list(tm.tokenizer.encode(prompt, add_special_tokens=False))
 
@@ -80,12 +81,12 @@ async def create_chat_completion(tm: TokenizerManager, req: ChatCompletionReques
                                  request: Request) -> Response:
     plan = plan_tools(req, tm.server_args.tool_call_parser)
     obj = GenerateReqInput(
-        input_ids=apply_chat_template(tm, req, plan.template_tools),
+        input_ids=await tm.off_loop(apply_chat_template, tm, req, plan.template_tools),
         sampling_params=sampling_params(req, plan), stream=req.stream,
         return_logprob=req.logprobs, top_logprobs_num=req.top_logprobs or 0,
         return_text_in_logprobs=True)
     try:
-        outputs = tm.generate(obj, None if req.stream else request)
+        outputs = await tm.generate(obj, None if req.stream else request)
     except InvalidRequestError as exc:
         raise _renamed(exc) from None
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),

@@ -87,7 +87,7 @@ async def create_completion(tm: TokenizerManager, req: CompletionRequest,
         logprob_start_len=0 if req.echo and want_logprobs else -1,
         return_text_in_logprobs=True)
     try:
-        outputs = tm.generate(obj, None if req.stream else request)
+        outputs = await tm.generate(obj, None if req.stream else request)
     except InvalidRequestError as exc:
         raise rename_param(exc, PARAM_NAMES) from None
     prompts = texts if texts is not None else [tm.tokenizer.decode(p) if tm.tokenizer else ""
