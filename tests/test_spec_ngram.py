@@ -127,6 +127,7 @@ def test_requests_that_need_more_than_logits_decode_plainly(llama, reference):
     params = [dict(GREEDY) for _ in prompts]
     params[1]["frequency_penalty"] = 0.5
     params[2]["min_new_tokens"] = 8
+    params[4]["logit_bias"] = {"7": 100}  # the drafts' verify reads raw logits
     kw = {"return_logprob": [i == 3 for i in range(len(prompts))]}
     eng_kw = {"max_total_tokens": 16384}
     results = []
@@ -137,6 +138,7 @@ def test_requests_that_need_more_than_logits_decode_plainly(llama, reference):
         eng.shutdown()
     want, got = results
     assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want]
+    assert got[4]["output_ids"] == [7] * len(got[4]["output_ids"])
     assert got[3]["meta_info"]["output_token_logprobs"] == \
         want[3]["meta_info"]["output_token_logprobs"]
 

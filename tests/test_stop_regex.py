@@ -74,3 +74,14 @@ def test_tail_search_agrees_with_whole_text_search() -> None:
             if whole_stop is None and any(re.search(q, "".join(tokens[:n])) for q in patterns):
                 whole_stop = n
         assert tail_stop == whole_stop, tokens
+
+
+def test_a_pattern_that_backtracks_forever_is_cut_off() -> None:
+    """Python's re would take minutes on this (every split of the a's is tried); the
+    match gives up after MATCH_TIMEOUT_S, so the scheduler's step is not held."""
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(TimeoutError):
+        stop_regex.first_match([r"(a|aa)+$"], "a" * 60 + "!")
+    assert time.perf_counter() - t0 < 2.0

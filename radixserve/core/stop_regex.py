@@ -5,12 +5,18 @@ The scheduler decodes only a tail of the output each step, as for stop strings: 
 longest text a pattern can match, plus one token, bounds what the newest token can have
 completed. A pattern without such a bound (`\\n+`) is run on a tail of at most
 MAX_WINDOW tokens.
+
+Patterns run on the scheduler's thread, so they use the `regex` package, which gives up
+after MATCH_TIMEOUT_S (Python's `re` may backtrack for minutes on a pattern such as
+`(a|aa)+$`, stalling every request); a request whose pattern times out is ended.
 """
 
 from __future__ import annotations
 
 import re
 from typing import Any
+
+import regex
 
 try:
     from re import _parser as _sre_parse  # type: ignore[attr-defined]
@@ -20,6 +26,7 @@ except ImportError:  # Python 3.10
 MAX_PATTERNS = 16
 MAX_PATTERN_CHARS = 2048
 MAX_WINDOW = 256
+MATCH_TIMEOUT_S = 0.05
 
 
 def as_list(value: Any) -> list[str]:
@@ -30,7 +37,7 @@ def as_list(value: Any) -> list[str]:
     return [p for p in items if p]
 
 
-def compile_all(value: Any) -> list[re.Pattern[str]]:
+def compile_all(value: Any) -> list[regex.Pattern[str]]:
     """Check a stop_regex value; raise ValueError starting with the field's name."""
     if value is None:
         return []
@@ -47,8 +54,9 @@ def compile_all(value: Any) -> list[re.Pattern[str]]:
             raise ValueError(f"stop_regex patterns may be at most {MAX_PATTERN_CHARS} "
                              f"characters, got {len(pattern)}")
         try:
-            compiled.append(re.compile(pattern))
-        except (re.error, RecursionError, OverflowError) as exc:
+            re.compile(pattern)  # the syntax `window` can size
+            compiled.append(regex.compile(pattern))
+        except (re.error, regex.error, RecursionError, OverflowError) as exc:
             raise ValueError(f"stop_regex {pattern!r} is not a valid regular expression: "
                              f"{exc}") from None
     return compiled
@@ -67,8 +75,9 @@ def window(patterns: list[str]) -> int:
 
 
 def first_match(patterns: list[str], text: str) -> str | None:
-    """The first pattern that matches somewhere in `text` (re caches compiled ones)."""
+    """The first pattern that matches somewhere in `text` (regex caches compiled ones);
+    TimeoutError if one takes longer than MATCH_TIMEOUT_S."""
     for pattern in patterns:
-        if re.search(pattern, text) is not None:
+        if regex.search(pattern, text, timeout=MATCH_TIMEOUT_S) is not None:
             return pattern
     return None

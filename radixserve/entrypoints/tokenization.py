@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 
 from radixserve.entrypoints.openai.protocol import ChatMessage, RequestModel, parse_request
-from radixserve.managers.request_validation import InvalidRequestError
+from radixserve.managers.request_validation import InvalidRequestError, check_prompt_bytes
 from radixserve.managers.tokenizer_manager import TokenizerManager
 
 BodyReader = Any  # async (Request) -> parsed JSON body (http_server._json_body)
@@ -34,21 +34,27 @@ class DetokenizeRequest(RequestModel):
 
 
 def tokenize(tm: TokenizerManager, req: TokenizeRequest) -> dict[str, Any]:
+    """Run in the tokenizer thread (TokenizerManager.off_loop), as generation's is."""
     tokenizer = _tokenizer(tm)
+    limit = tm.validator.request_limits.max_prompt_bytes
     if (req.prompt is None) == (req.messages is None):
         raise InvalidRequestError("exactly one of prompt and messages must be given", "prompt")
     if req.messages is not None:
         if not req.messages:
             raise InvalidRequestError("messages must not be empty", "messages")
         text = _apply_template(tokenizer, req)
+        check_prompt_bytes(text, limit, "messages")
         tokens: Any = list(tokenizer.encode(text, add_special_tokens=False))
         count: Any = len(tokens)
     elif isinstance(req.prompt, str):
+        check_prompt_bytes(req.prompt, limit, "prompt")
         tokens = list(tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
         count = len(tokens)
     else:
         if not req.prompt:
             raise InvalidRequestError("prompt must not be an empty list", "prompt")
+        for i, p in enumerate(req.prompt):
+            check_prompt_bytes(p, limit, f"prompt.{i}")
         tokens = [list(tokenizer.encode(p, add_special_tokens=req.add_special_tokens))
                   for p in req.prompt]
         count = [len(t) for t in tokens]
@@ -74,10 +80,12 @@ def register(app: FastAPI, tm: TokenizerManager, read_body: BodyReader) -> None:
     """Add the routes to `app`; `read_body` parses a request body as the server does."""
 
     async def tokenize_route(request: Request) -> dict[str, Any]:
-        return tokenize(tm, parse_request(TokenizeRequest, await read_body(request)))
+        req = parse_request(TokenizeRequest, await read_body(request))
+        return await tm.off_loop(tokenize, tm, req)
 
     async def detokenize_route(request: Request) -> dict[str, Any]:
-        return detokenize(tm, parse_request(DetokenizeRequest, await read_body(request)))
+        req = parse_request(DetokenizeRequest, await read_body(request))
+        return await tm.off_loop(detokenize, tm, req)
 
     for prefix in ("", "/v1"):
         app.add_api_route(f"{prefix}/tokenize", tokenize_route, methods=["POST"])

@@ -119,7 +119,11 @@ class OutputProcessor:
             tail = self.tokenizer.decode(
                 req.output_ids[max(0, n_out - sp.stop_regex_max_len - 1):n_out],
                 skip_special_tokens=sp.skip_special_tokens)
-            pattern = stop_regex.first_match(sp.stop_regex_strs, tail)
+            try:
+                pattern = stop_regex.first_match(sp.stop_regex_strs, tail)
+            except TimeoutError:
+                return {"type": "abort", "message": f"a stop_regex took over "
+                        f"{stop_regex.MATCH_TIMEOUT_S} s to match; the request was ended"}
             if pattern is not None:
                 return {"type": "stop", "matched": pattern}
         if n_out >= sp.max_new_tokens:

@@ -45,9 +45,11 @@ class VerifiedBatch(PendingBatch):
 
 
 def speculates(req: Req) -> bool:
-    """Whether the request's next token is a function of the logits alone."""
+    """Whether the request's next token is a function of the raw logits alone (verify
+    applies no logits processor, and draws from torch's generator, not a row's seed)."""
     sp = req.sampling_params
     return (not req.return_logprob and req.grammar is None and not req.needs_host_tokens
+            and not sp.logit_bias and sp.seed is None
             and len(req.output_ids) >= sp.min_new_tokens)
 
 

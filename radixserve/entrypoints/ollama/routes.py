@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from radixserve.entrypoints.ollama.protocol import ChatRequest, GenerateRequest, ShowRequest
 from radixserve.entrypoints.openai.protocol import parse_request
-from radixserve.managers.request_validation import InvalidRequestError
+from radixserve.managers.request_validation import InvalidRequestError, check_prompt_bytes
 from radixserve.managers.tokenizer_manager import (GenerateReqInput, ServerDeadError,
                                                    TokenizerManager)
 
@@ -90,7 +90,10 @@ async def _answer(tm: TokenizerManager, obj: GenerateReqInput, request: Request,
         return StreamingResponse(_ndjson(tm, outputs, piece, started),
                                  media_type="application/x-ndjson")
     async with aclosing(outputs) as gen:
-        final = [out async for out in gen][-1]
+        results = [out async for out in gen]
+    if not results:  # the client left; the request was aborted
+        return Response(status_code=204)
+    final = results[-1]
     return JSONResponse({**_head(tm), **piece(final["text"], True),
                          **_tail(final, started)})
 
@@ -152,6 +155,7 @@ def _apply_template(tm: TokenizerManager, messages: list[dict[str, Any]]) -> lis
     except Exception as exc:  # a template may raise on message orders it rejects
         raise InvalidRequestError(f"the chat template rejected the messages: {exc}",
                                   "messages") from exc
+    check_prompt_bytes(text, tm.validator.request_limits.max_prompt_bytes, "messages")
     return list(tm.tokenizer.encode(text, add_special_tokens=False))
 
 

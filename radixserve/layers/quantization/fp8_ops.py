@@ -92,13 +92,19 @@ def block_scaled_mm_reference(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: tor
     return out.to(out_dtype)
 
 
+def _kernel_steps(bk: int) -> bool:
+    """Whether the Triton kernel can take bk as its K step: a power of two >= 32."""
+    return bk >= 32 and bk & (bk - 1) == 0
+
+
 def block_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor,
                     w_scale: torch.Tensor, block: tuple[int, int],
                     bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """block_scaled_mm_reference's product: the Triton kernel on CUDA (for blocks whose
-    K side the kernel can step, MIN_BLOCK_K and up: real checkpoints use 128)."""
+    """block_scaled_mm_reference's product: the Triton kernel on CUDA for blocks whose K
+    side it can step (real checkpoints use 128), else the reference."""
     kernel = (triton_kernel("radixserve.layers.triton_kernels.fp8_block_gemm",
-                            "w8a8_block_matmul") if x_q.is_cuda and block[1] >= 32 else None)
+                            "w8a8_block_matmul") if x_q.is_cuda and _kernel_steps(block[1])
+              else None)
     if kernel is None:
         return block_scaled_mm_reference(x_q, x_scale, w_q, w_scale, block, bias, out_dtype)
     return kernel(x_q, x_scale, w_q, w_scale, block, bias, out_dtype)

@@ -335,6 +335,10 @@ class HiRadixCache(RadixCache):
         entries = []
         nbytes = self.host_pool.page_nbytes()
         for key, page in zip(keys, pages):
+            if key in self.host_index:
+                # Still on the host (a locked page outlives its parent's eviction): an
+                # entry added over it would orphan its host page.
+                break
             data = self.storage.get(key)
             if data is None or data.numel() != nbytes:
                 break
