@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from radixserve.core.sampling_params import SamplingParams
+from radixserve.configs.request_limits import DEFAULT_MAX_N as MAX_N
 from radixserve.configs.request_limits import RequestLimits
-from radixserve.managers.request_validation import (MAX_N, InvalidRequestError, ModelLimits,
+from radixserve.managers.request_validation import (InvalidRequestError, ModelLimits,
                                                     RequestValidator)
 from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
 from tests.conftest import LiveServer

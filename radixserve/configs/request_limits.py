@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Samples per prompt: OpenAI's own cap.
+# Samples per prompt: OpenAI's own cap. The copies of a request are built before anything
+# runs, so an unbounded n stalls every other request.
 DEFAULT_MAX_N = 128
 
 

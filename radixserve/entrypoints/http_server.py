@@ -354,8 +354,8 @@ def launch_server(server_args: ServerArgs) -> int:
         return serve_followers(server_args)  # no HTTP: node 0 serves
     # Before any process imports prometheus_client (the workers inherit it).
     metrics_dir = prepare_multiprocess_dir() if server_args.enable_metrics else None
-    setup_api_tracing(server_args.enable_trace, server_args.otlp_traces_endpoint)
     try:
+        setup_api_tracing(server_args.enable_trace, server_args.otlp_traces_endpoint)
         workers = start_workers(server_args)
     except BaseException:
         remove_multiprocess_dir(metrics_dir)

@@ -33,7 +33,7 @@ import uuid
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Sequence
 
-from radixserve.configs.request_limits import DEFAULT_MAX_N, RequestLimits
+from radixserve.configs.request_limits import RequestLimits
 from radixserve.core.sampling_params import SamplingParams
 from radixserve.managers.io_struct import TokenizedGenerateReqInput
 
@@ -41,9 +41,6 @@ if TYPE_CHECKING:
     from radixserve.configs.model_config import ModelConfig
 
 MAX_TOP_LOGPROBS = 20
-# The default cap on samples per prompt (--max-n). The copies of a request are built
-# before anything runs, so an unbounded n stalls every other request.
-MAX_N = DEFAULT_MAX_N
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 # Keys whose explicit None still means something (not "use the default").
 _NONE_MEANS_SOMETHING = {"max_new_tokens", "stop", "seed"}

@@ -40,8 +40,6 @@ class VerifiedBatch(PendingBatch):
     step's inputs depend on how many drafts were accepted)."""
 
     result: BatchResult | None = None
-    drafts: list[list[int]] | None = None
-    accepted: list[int] | None = None
 
 
 def speculates(req: Req) -> bool:
@@ -96,7 +94,7 @@ class SpeculativeWorker:
     def resolve_batch(self, pending: PendingBatch) -> BatchResult:
         if not isinstance(pending, VerifiedBatch):
             return self.target.resolve_batch(pending)
-        assert pending.result is not None and pending.accepted is not None
+        assert pending.result is not None
         return pending.result
 
     # --- draft → verify → accept → advance ------------------------------------------
@@ -157,8 +155,7 @@ class SpeculativeWorker:
         result.extra_token_ids = [e[1:] for e in emitted]
         return VerifiedBatch(
             future_base=self.target.future.reserve(len(reqs)), next_logits=None,
-            logits=None, prompt_plan=None, top_nums=[-1] * len(reqs), result=result,
-            drafts=drafts, accepted=accepted)
+            logits=None, prompt_plan=None, top_nums=[-1] * len(reqs), result=result)
 
     def _advance(self, reqs: list[Req], starts: list[int], drafts: list[list[int]],
                  accepted: list[int]) -> None:

@@ -27,10 +27,6 @@ def quantization_scope(config: QuantConfig | None) -> Iterator[None]:
         _CURRENT.reset(token)
 
 
-def current_quant_config() -> QuantConfig | None:
-    return _CURRENT.get()
-
-
 def linear_method() -> QuantMethod:
     config = _CURRENT.get()
     return UnquantizedLinearMethod() if config is None else config.linear_method()

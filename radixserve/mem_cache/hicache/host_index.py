@@ -54,8 +54,5 @@ class HostPageIndex:
     def locked_pages(self) -> int:
         return sum(1 for e in self._entries.values() if e.lock)
 
-    def pages(self) -> list[int]:
-        return [e.page for e in self._entries.values()]
-
     def clear(self) -> None:
         self._entries.clear()

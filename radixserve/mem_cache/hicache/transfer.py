@@ -116,10 +116,6 @@ class LayerLoad:
         else:
             self.dev_idx = device_idx
 
-    @property
-    def done_issuing(self) -> bool:
-        return self.issued == self.t.num_layers
-
     def issue_through(self, layer: int) -> None:
         t = self.t
         layer = min(layer, t.num_layers - 1)
