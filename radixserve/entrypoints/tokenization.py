@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 
 from radixserve.entrypoints.openai.protocol import ChatMessage, RequestModel, parse_request
+from radixserve.entrypoints.openai.serving_chat import render_template
 from radixserve.managers.request_validation import InvalidRequestError, check_prompt_bytes
 from radixserve.managers.tokenizer_manager import TokenizerManager
 
@@ -101,9 +102,5 @@ def _tokenizer(tm: TokenizerManager) -> Any:
 
 def _apply_template(tokenizer: Any, req: TokenizeRequest) -> str:
     messages = [m.template_dict() for m in req.messages or []]
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=req.add_generation_prompt)
-    except Exception as exc:  # a template may raise on message orders it rejects
-        raise InvalidRequestError(f"the chat template rejected the messages: {exc}",
-                                  "messages") from exc
+    return render_template(tokenizer, messages,
+                           add_generation_prompt=req.add_generation_prompt)

@@ -19,7 +19,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from radixserve.entrypoints.ollama.protocol import ChatRequest, GenerateRequest, ShowRequest
 from radixserve.entrypoints.openai.protocol import parse_request
-from radixserve.managers.request_validation import InvalidRequestError, check_prompt_bytes
+from radixserve.entrypoints.openai.serving_chat import template_ids
+from radixserve.managers.request_validation import InvalidRequestError
 from radixserve.managers.tokenizer_manager import (GenerateReqInput, ServerDeadError,
                                                    TokenizerManager)
 
@@ -149,14 +150,7 @@ def _generate_prompt(tm: TokenizerManager, req: GenerateRequest
 def _apply_template(tm: TokenizerManager, messages: list[dict[str, Any]]) -> list[int]:
     if tm.tokenizer is None:
         raise InvalidRequestError("the server runs without a tokenizer", None)
-    try:
-        text = tm.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                add_generation_prompt=True)
-    except Exception as exc:  # a template may raise on message orders it rejects
-        raise InvalidRequestError(f"the chat template rejected the messages: {exc}",
-                                  "messages") from exc
-    check_prompt_bytes(text, tm.validator.request_limits.max_prompt_bytes, "messages")
-    return list(tm.tokenizer.encode(text, add_special_tokens=False))
+    return template_ids(tm, messages)
 
 
 def _model_entry(tm: TokenizerManager) -> dict[str, Any]:

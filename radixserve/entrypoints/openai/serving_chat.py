@@ -50,13 +50,26 @@ def apply_chat_template(tm: TokenizerManager, req: ChatCompletionRequest,
     if tm.tokenizer is None or not getattr(tm.tokenizer, "chat_template", None):
         raise InvalidRequestError("this model has no chat template; use /v1/completions or "
                                   "start the server with --chat-template", "messages")
-    messages = [m.template_dict() for m in req.messages]
+    return template_ids(tm, [m.template_dict() for m in req.messages], tools)
+
+
+def render_template(tokenizer: Any, messages: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None = None,
+                    add_generation_prompt: bool = True) -> str:
+    """The chat template's text for `messages`; a template that rejects them is a 400."""
     try:
-        prompt = tm.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                                  add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # a template may raise on message orders it rejects
         raise InvalidRequestError(f"the chat template rejected the messages: {exc}",
                                   "messages") from exc
+
+
+def template_ids(tm: TokenizerManager, messages: list[dict[str, Any]],
+                 tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """The templated prompt's token ids, within --max-prompt-bytes (every chat-shaped
+    endpoint: OpenAI's and Ollama's)."""
+    prompt = render_template(tm.tokenizer, messages, tools)
     check_prompt_bytes(prompt, tm.validator.request_limits.max_prompt_bytes, "messages")
     # The template already wrote any BOS/special tokens it wants.
     return list(tm.tokenizer.encode(prompt, add_special_tokens=False))
