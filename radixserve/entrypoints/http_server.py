@@ -17,6 +17,7 @@ import secrets
 import signal
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
@@ -347,6 +348,28 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs,
 
 # --- launcher --------------------------------------------------------------------
 
+def _load_tokenizer_in_background(server_args: ServerArgs) -> Future | None:
+    """Import transformers' tokenizers and load this model's tokenizer in a thread.
+
+    The workers take many seconds to come up (imports, weights, CUDA graphs) while this
+    process only waits on their pipes, so the tokenizer's own seconds of imports and
+    loading overlap with them instead of following them. An error surfaces when the
+    result is taken, after the workers are up, and ends the launch as before.
+    """
+    if server_args.skip_tokenizer_init:
+        return None
+
+    def load() -> Any:
+        from radixserve.model_loader.tokenizer import get_tokenizer
+
+        return get_tokenizer(server_args.load_config())
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer-load")
+    loading = pool.submit(load)
+    pool.shutdown(wait=False)
+    return loading
+
+
 def launch_server(server_args: ServerArgs) -> int:
     """Run until SIGINT/SIGTERM (0) or until a worker process dies (1)."""
     configure_logging(server_args.log_level, "api")
@@ -354,6 +377,7 @@ def launch_server(server_args: ServerArgs) -> int:
         return serve_followers(server_args)  # no HTTP: node 0 serves
     # Before any process imports prometheus_client (the workers inherit it).
     metrics_dir = prepare_multiprocess_dir() if server_args.enable_metrics else None
+    tokenizer_loading = _load_tokenizer_in_background(server_args)
     try:
         setup_api_tracing(server_args.enable_trace, server_args.otlp_traces_endpoint)
         workers = start_workers(server_args)
@@ -361,11 +385,7 @@ def launch_server(server_args: ServerArgs) -> int:
         remove_multiprocess_dir(metrics_dir)
         raise
     try:
-        tokenizer = None
-        if not server_args.skip_tokenizer_init:
-            from radixserve.model_loader.tokenizer import get_tokenizer
-
-            tokenizer = get_tokenizer(server_args.load_config())
+        tokenizer = tokenizer_loading.result() if tokenizer_loading is not None else None
         tm = TokenizerManager(server_args, workers.port_args, workers.model_info, tokenizer)
         exit_code = 0
         server: uvicorn.Server | None = None

@@ -124,20 +124,23 @@ class CudaGraphRunner:
         free_before = torch.cuda.mem_get_info(dev)[0]
         t0 = time.perf_counter()
         # Largest first, so smaller graphs reuse the big one's memory pool.
-        for key in sorted(self._keys(), reverse=True):
-            self._capture(*key)
+        for i, key in enumerate(sorted(self._keys(), reverse=True)):
+            self._capture(*key, warmup_runs=2 if i == 0 else 1)
         torch.cuda.synchronize(dev)
         used = (free_before - torch.cuda.mem_get_info(dev)[0]) / 2**30
         logger.info("captured %d CUDA graphs (batch 1..%d) in %.1f s using %.2f GiB",
                     len(self.graphs), self.max_bs, time.perf_counter() - t0, used)
 
-    def _capture(self, bs: int, cascade: bool) -> None:
+    def _capture(self, bs: int, cascade: bool, warmup_runs: int) -> None:
         fb = self._batch(bs, cascade)
         backend = self.target.attn_backend
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm up: triton autotune / lazy init outside the graph
+            # Warm up outside the graph: kernels compile and lazily built state is made
+            # on the first run. One run per batch size does that; the first graph gets a
+            # second, for state that a first-ever forward creates only after it has run.
+            for _ in range(warmup_runs):
                 backend.init_forward_metadata_capture_cuda_graph(fb)
                 self._run_model(fb)
         torch.cuda.current_stream().wait_stream(stream)
