@@ -35,11 +35,16 @@ WORKLOADS: dict[str, list[str]] = {
 
 
 def run_one(tree: str, args: list[str], timeout_s: float) -> dict:
+    root = Path(tree).resolve()
+    # `python -m` puts its working directory ahead of PYTHONPATH: run from the tree's own
+    # directory, or the repository's radixserve would be the one imported whatever `tree`
+    # says. Relative paths in the arguments (the model folders) stay relative to here.
+    args = [str(Path(a).resolve()) if a.startswith(".bench_models") else a for a in args]
     with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as f:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [str(Path(tree).resolve()), os.environ.get("PYTHONPATH", "")]))
+            [str(root), os.environ.get("PYTHONPATH", "")]))
         proc = subprocess.run([sys.executable, *args, "--result-file", f.name], env=env,
-                              capture_output=True, text=True, timeout=timeout_s)
+                              cwd=root, capture_output=True, text=True, timeout=timeout_s)
         if proc.returncode != 0:
             raise RuntimeError(f"{tree} {args}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
         rows = [json.loads(line) for line in f.read().splitlines() if line.strip()]
