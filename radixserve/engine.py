@@ -32,6 +32,7 @@ from radixserve.managers.data_parallel_controller import (DataParallelController
                                                          launch_engine_replicas)
 from radixserve.managers.detokenizer_manager import Detokenizer
 from radixserve.managers.io_struct import BatchStrOut, TokenizedGenerateReqInput, spec_meta
+from radixserve.managers.multimodal_requests import MediaPreparer, chat_media, prepare_with_media
 from radixserve.managers.request_validation import (InvalidRequestError, ModelLimits,
                                                     RequestValidator)
 from radixserve.managers.scheduler import Scheduler
@@ -47,12 +48,15 @@ SamplingArg = dict[str, Any] | SamplingParams | None
 # SGLang's generate/async_generate parameters that radixserve does not support yet:
 # accepted only at their defaults, so SGLang call sites run unchanged when they do not
 # use them, and fail loudly when they do.
-_UNSUPPORTED_NONE = ("image_data", "audio_data", "video_data", "token_ids_logprob",
+_UNSUPPORTED_NONE = ("audio_data", "token_ids_logprob",
                      "lora_path", "custom_logit_processor", "bootstrap_host",
                      "bootstrap_port", "bootstrap_room", "routed_dp_rank",
                      "disagg_prefill_dp_rank", "data_parallel_rank", "external_trace_header",
                      "session_params", "priority")
 _UNSUPPORTED_FALSE = ("return_hidden_states", "return_routed_experts")
+# What Engine.chat passes on to the request when its messages carry images or videos.
+_CHAT_MEDIA_KWARGS = ("return_logprob", "logprob_start_len", "top_logprobs_num", "stream",
+                      "rid")
 
 
 def _check_unsupported(what: str, args: dict[str, Any]) -> None:
@@ -103,6 +107,7 @@ class Engine:
         self.limits: ModelLimits = self.scheduler.model_limits()
         self.validator = RequestValidator(self.limits, self.server_args.request_limits())
         self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
+        self._media_preparer: MediaPreparer | None = None
         self._lock = threading.Lock()  # the scheduler, the detokenizer and _boxes
         self._boxes: dict[str, _Mailbox] = {}
         self._aborts: deque[str] = deque()  # rids to abort at the next step
@@ -122,17 +127,22 @@ class Engine:
                  input_ids: list[int] | list[list[int]] | None = None, *,
                  return_logprob: bool = False, logprob_start_len: int | None = None,
                  top_logprobs_num: int | None = None, stream: bool = False,
-                 rid: str | None = None, **sglang_kwargs: Any,
+                 rid: str | None = None, image_data: Any = None, video_data: Any = None,
+                 **sglang_kwargs: Any,
                  ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict]:
         """SGLang-shaped results: {"text", "output_ids", "meta_info"} per prompt (and per
         sample when n > 1). A single prompt gives a dict, a list gives a list. With
         stream=True, yields increments {"text": delta, "output_ids": new ids, ...,
         "index"}. Bad requests raise ValueError (InvalidRequestError, as the server's
-        400s). The parameters follow SGLang's Engine.generate; SGLang's others (image_data,
-        lora_path, bootstrap_*, ...) are accepted as keywords at their defaults only."""
+        400s). The parameters follow SGLang's Engine.generate; SGLang's others (lora_path,
+        bootstrap_*, ...) are accepted as keywords at their defaults only. image_data /
+        video_data (vision-language models; docs/multimodal.md): per prompt a payload (data:
+        URL, path, base64, bytes, PIL image) or a list of them; a list per prompt for a
+        batch."""
         _check_unsupported("generate", sglang_kwargs)
         reqs, single = self._prepare(prompt, input_ids, sampling_params, return_logprob,
-                                     logprob_start_len, top_logprobs_num, stream, rid)
+                                     logprob_start_len, top_logprobs_num, stream, rid,
+                                     image_data, video_data)
         if stream:
             return self._stream(reqs)
         results = self._run_to_completion(reqs)
@@ -144,7 +154,8 @@ class Engine:
             input_ids: list[int] | list[list[int]] | None = None, *,
             return_logprob: bool = False, logprob_start_len: int | None = None,
             top_logprobs_num: int | None = None, stream: bool = False,
-            rid: str | None = None, **sglang_kwargs: Any,
+            rid: str | None = None, image_data: Any = None, video_data: Any = None,
+            **sglang_kwargs: Any,
     ) -> dict[str, Any] | list[dict[str, Any]] | AsyncIterator[dict[str, Any]]:
         """generate, awaitable (SGLang's signature): the same results; with stream=True
         it returns (after the await, as SGLang does) an async iterator of the same
@@ -153,7 +164,8 @@ class Engine:
         are batched together; the loop is not blocked while the model runs."""
         _check_unsupported("async_generate", sglang_kwargs)
         reqs, single = self._prepare(prompt, input_ids, sampling_params, return_logprob,
-                                     logprob_start_len, top_logprobs_num, stream, rid)
+                                     logprob_start_len, top_logprobs_num, stream, rid,
+                                     image_data, video_data)
         if stream:
             return self._astream(reqs)
         acc = {r.rid: _Accumulator(r.rid) for r in reqs}
@@ -165,12 +177,39 @@ class Engine:
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: dict[str, Any] | None = None, **kwargs: Any) -> Any:
-        """Apply the model's chat template (with the generation prompt) and generate."""
-        if messages and isinstance(messages[0], dict):
-            return self.generate(input_ids=self.apply_chat_template(messages),
-                                 sampling_params=sampling_params, **kwargs)
-        return self.generate(input_ids=[self.apply_chat_template(m) for m in messages],
+        """Apply the model's chat template (with the generation prompt) and generate.
+        OpenAI content parts {"type": "image_url" | "video_url", ...} carry images and
+        videos (vision-language models)."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        ids, media = [], []
+        for conversation in conversations:
+            template_messages, parts = chat_media(conversation)
+            if parts:
+                self._media().check_takes(parts)
+            ids.append(self.apply_chat_template(template_messages))
+            media.append(parts)
+        single = conversations is not messages
+        if any(media):
+            _check_unsupported("chat", {k: v for k, v in kwargs.items()
+                                        if k not in _CHAT_MEDIA_KWARGS})
+            reqs, _ = prepare_with_media(
+                self.validator, self._media(), None, ids[0] if single else ids,
+                self.tokenizer, media, sampling_params,
+                **{k: v for k, v in kwargs.items() if k in _CHAT_MEDIA_KWARGS})
+            if kwargs.get("stream"):
+                return self._stream(reqs)
+            results = self._run_to_completion(reqs)
+            return results[0] if single and len(results) == 1 else results
+        return self.generate(input_ids=ids[0] if single else ids,
                              sampling_params=sampling_params, **kwargs)
+
+    def _media(self) -> MediaPreparer:
+        """The model's image/video processing, made on the first request that needs it."""
+        if self._media_preparer is None:
+            self._media_preparer = MediaPreparer(
+                self.model_config.hf_config, self.model_config.model_path,
+                self.server_args.multimodal_config(), self.limits)
+        return self._media_preparer
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
@@ -188,6 +227,26 @@ class Engine:
     def flush_cache(self) -> bool:
         with self._lock:
             return self.scheduler.flush_cache()
+
+    # The expert-load recorder (--expert-distribution-recorder-mode), as SGLang's Engine.
+    def start_expert_distribution_record(self) -> None:
+        self._expert_record("start")
+
+    def stop_expert_distribution_record(self) -> None:
+        self._expert_record("stop")
+
+    def dump_expert_distribution_record(self) -> dict[str, Any]:
+        """mode, moe_layers and logical_count [layer][expert], summed over the ranks."""
+        return self._expert_record("dump") or {}
+
+    def _expert_record(self, action: str) -> dict[str, Any] | None:
+        from radixserve.managers.io_struct import ExpertDistributionReq
+
+        with self._lock:
+            reply = self.scheduler.expert_distribution(ExpertDistributionReq(action))
+        if not reply.success:
+            raise ValueError(reply.message)
+        return reply.record
 
     def shutdown(self) -> None:
         """Release the model and KV memory (and stop the rank processes, if any)."""
@@ -214,8 +273,15 @@ class Engine:
     def _prepare(self, prompt: Any, input_ids: Any, sampling_params: Any,
                  return_logprob: bool, logprob_start_len: int | None,
                  top_logprobs_num: int | None, stream: bool,
-                 rid: str | None) -> tuple[list[TokenizedGenerateReqInput], bool]:
+                 rid: str | None, image_data: Any = None, video_data: Any = None
+                 ) -> tuple[list[TokenizedGenerateReqInput], bool]:
         """The server's checks and n expansion (request_validation.py), on our limits."""
+        if image_data is not None or video_data is not None:
+            return prepare_with_media(
+                self.validator, self._media(), prompt, input_ids, self.tokenizer, None,
+                sampling_params, return_logprob=return_logprob,
+                logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,
+                stream=stream, rid=rid, image_data=image_data, video_data=video_data)
         return self.validator.prepare(
             prompt, input_ids, self.tokenizer, sampling_params,
             return_logprob=return_logprob, logprob_start_len=logprob_start_len,

@@ -22,6 +22,9 @@ import torch
 from radixserve.configs import hicache_config
 from radixserve.configs.hicache_config import HiCacheConfig
 from radixserve.configs.load_config import LoadConfig
+from radixserve.configs.multimodal_config import MultimodalConfig
+from radixserve.configs.ep_config import (EPLB_ALGORITHMS, RECORDER_MODES, EpConfig,
+                                         verify_ep_args)
 from radixserve.configs.parallel_config import ParallelConfig
 from radixserve.configs.request_limits import RequestLimits
 from radixserve.configs.runner_config import RunnerConfig
@@ -316,6 +319,28 @@ class ServerArgs:
         False, "TP all-reduces up to 4 MiB through a buffer registered with NCCL as a "
         "symmetric window (NCCL's symmetric kernels), on CUDA")
 
+    # Expert parallelism, DP-attention and EPLB (radixserve/layers/moe/ep/,
+    # docs/parallelism.md); SGLang's flag names.
+    ep_size: int = _flag(
+        1, "the expert parallelism size: the routed experts are split over this many "
+        "ranks of the TP group (1, or --tp-size)", type=positive_int)
+    enable_dp_attention: bool = _flag(
+        False, "data-parallel attention (each rank its own requests and KV cache) with "
+        "expert-parallel MoE over the ranks; needs --tp-size == --dp-size == --ep-size")
+    ep_num_redundant_experts: int = _flag(
+        0, "allocate this number of redundant experts in expert parallel",
+        type=non_negative_int)
+    enable_eplb: bool = _flag(False, "enable the EPLB algorithm (rebalance experts at run "
+                              "time from the measured load)")
+    eplb_algorithm: str = _flag("auto", "chosen EPLB algorithm", choices=EPLB_ALGORITHMS)
+    eplb_rebalance_num_iterations: int = _flag(
+        1000, "number of iterations to automatically trigger a EPLB re-balance",
+        type=positive_int)
+    expert_distribution_recorder_mode: str | None = _flag(
+        None, "record which experts routing chooses (dump with "
+        "/dump_expert_distribution_record)", choices=RECORDER_MODES,
+        default_help="none, off")
+
     # Speculative decoding (radixserve/speculative/)
     speculative_algorithm: str | None = _flag(
         None, "draft several tokens per step and verify them in one target forward",
@@ -416,6 +441,32 @@ class ServerArgs:
     max_logit_bias_entries: int = _flag(
         1024, "most token ids in one request's logit_bias", type=positive_int)
 
+    # Multimodal inputs (images and videos for vision-language models; multimodal/,
+    # docs/multimodal.md). The first three are SGLang's flags.
+    mm_process_config: str | None = _flag(
+        None, "JSON object of image/video processor settings: {\"image\": {\"min_pixels\": "
+        "N, \"max_pixels\": N}, \"video\": {\"min_pixels\", \"max_pixels\", \"fps\", "
+        "\"max_frames\"}}", default_help="the model's preprocessor_config.json")
+    limit_mm_data_per_request: str | None = _flag(
+        None, "JSON object: most items of each modality in one request, e.g. "
+        "{\"image\": 4, \"video\": 1}", default_help="no limit")
+    mm_per_request_timeout: float = _flag(
+        10.0, "seconds one http(s) image/video download may take (with "
+        "--mm-allow-http-urls)", type=positive_float)
+    mm_allow_http_urls: bool = _flag(
+        False, "fetch http(s) image/video URLs; without it only data: URLs, base64 text and "
+        "local paths are read")
+    mm_max_input_bytes: int = _flag(
+        64 << 20, "largest image or video payload (bytes)", type=positive_int)
+    mm_max_image_pixels: int = _flag(
+        32 * 1024 * 1024, "largest decoded image or video frame (width x height); a larger "
+        "one is refused with 400 (the processor's max_pixels resizes, this refuses)",
+        type=positive_int)
+    mm_embedding_cache_size_mb: int = _flag(
+        1024, "vision-encoder outputs kept by image hash, so a repeated image (or the next "
+        "chunk of its prompt) is not encoded again (MiB of device memory; 0: off)",
+        type=non_negative_int)
+
     def __post_init__(self) -> None:
         if self.model_path is None:
             self.model_path = default_model_path()
@@ -430,6 +481,9 @@ class ServerArgs:
             self.mem_fraction_static = 0.85
         if self.device == "cpu":
             # CUDA graphs and the overlapped loop need a CUDA stream.
+            self.disable_cuda_graph = True
+        if self.ep_config().uses_expert_layers:
+            # The all-to-all's split sizes cross to the host every MoE layer.
             self.disable_cuda_graph = True
         if self.speculative_algorithm is not None:
             resolve_speculative(self)
@@ -451,11 +505,21 @@ class ServerArgs:
             raise ValueError("mem_fraction_static must be in (0, 1)")
         self._verify_parsers()
         self._verify_parallel()
+        verify_ep_args(self.ep_config(), self.tp_size, self.dp_size, str(self.model_path),
+                       self.speculative_algorithm is not None)
         self._verify_observability()
         self.hicache_config()  # raises ValueError on a bad combination
         if self.speculative_algorithm is not None:
             verify_speculative(self, self.load_config())
         self.request_limits()  # each limit >= 1
+        self.multimodal_config()  # the JSON flags parse
+
+    def multimodal_config(self) -> MultimodalConfig:
+        """What the multimodal path reads (processing, limits, the embedding cache)."""
+        return MultimodalConfig.from_flags(
+            self.mm_process_config, self.limit_mm_data_per_request, self.mm_allow_http_urls,
+            self.mm_per_request_timeout, self.mm_max_input_bytes, self.mm_max_image_pixels,
+            self.mm_embedding_cache_size_mb)
 
     def hicache_config(self) -> HiCacheConfig:
         """What the hierarchical cache reads (mem_cache/hicache/); checks the flags."""
@@ -613,6 +677,16 @@ class ServerArgs:
             chat_template=self.chat_template, device=str(self.device),
             random_seed=self.random_seed)
 
+    def ep_config(self) -> EpConfig:
+        """What the expert-parallel MoE layers, EPLB and the recorder read."""
+        return EpConfig(
+            ep_size=self.ep_size, enable_dp_attention=self.enable_dp_attention,
+            ep_num_redundant_experts=self.ep_num_redundant_experts,
+            enable_eplb=self.enable_eplb, eplb_algorithm=self.eplb_algorithm,
+            eplb_rebalance_num_iterations=self.eplb_rebalance_num_iterations,
+            expert_distribution_recorder_mode=self.expert_distribution_recorder_mode,
+            nnodes=self.nnodes)
+
     def parallel_config(self) -> ParallelConfig:
         """What distributed.parallel_state reads to place and join this process's ranks."""
         return ParallelConfig(
@@ -642,7 +716,9 @@ class ServerArgs:
             disable_radix_cache=self.disable_radix_cache,
             disable_cascade_attention=self.disable_cascade_attention,
             enable_symm_mem_all_reduce=self.enable_symm_mem_all_reduce,
-            enable_nccl_symm_all_reduce=self.enable_nccl_symm_all_reduce)
+            enable_nccl_symm_all_reduce=self.enable_nccl_symm_all_reduce,
+            ep=self.ep_config(),
+            mm_embedding_cache_bytes=self.multimodal_config().embedding_cache_bytes)
 
 
 def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:

@@ -140,7 +140,7 @@ def _device_match(cache: HiRadixCache, tokens: list[int]) -> int:
 def _load(cache: HiRadixCache, tokens: list[int]) -> SimpleNamespace:
     match = cache.match_prefix(tokens)
     req = SimpleNamespace(fill_ids=tokens + [0], prefix_indices=match.device_indices,
-                          last_node=match.last_node)
+                          last_node=match.last_node, key_ids=lambda ids: ids)  # text only
     cache.load_back(req)
     return req
 

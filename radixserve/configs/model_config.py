@@ -49,8 +49,10 @@ class ModelConfig:
             model_path=path,
             hf_config=hf_config,
             dtype=load.torch_dtype,
-            context_len=_context_len(hf_config, load.context_length),
+            context_len=_context_len(text_config_of(hf_config), load.context_length,
+                                     hf_config.architectures),
             eos_token_ids=_as_id_set(getattr(hf_config, "eos_token_id", None))
+            | _as_id_set(getattr(text_config_of(hf_config), "eos_token_id", None))
             | _as_id_set(gen.get("eos_token_id")),
             generation_defaults={ours: gen[theirs] for theirs, ours in _GENERATION_KEYS.items()
                                  if gen.get(theirs) is not None},
@@ -64,28 +66,34 @@ class ModelConfig:
         return archs[0]
 
     @property
+    def text_config(self) -> PretrainedConfig:
+        """The language model's config: `text_config` of a vision-language model, the
+        config itself otherwise."""
+        return text_config_of(self.hf_config)
+
+    @property
     def num_hidden_layers(self) -> int:
-        return self.hf_config.num_hidden_layers
+        return self.text_config.num_hidden_layers
 
     @property
     def num_attention_heads(self) -> int:
-        return self.hf_config.num_attention_heads
+        return self.text_config.num_attention_heads
 
     @property
     def num_key_value_heads(self) -> int:
-        return getattr(self.hf_config, "num_key_value_heads", None) or self.num_attention_heads
+        return getattr(self.text_config, "num_key_value_heads", None) or self.num_attention_heads
 
     @property
     def head_dim(self) -> int:
-        return head_dim_of(self.hf_config)
+        return head_dim_of(self.text_config)
 
     @property
     def hidden_size(self) -> int:
-        return self.hf_config.hidden_size
+        return self.text_config.hidden_size
 
     @property
     def vocab_size(self) -> int:
-        return self.hf_config.vocab_size
+        return self.text_config.vocab_size
 
     @property
     def is_mla(self) -> bool:
@@ -103,6 +111,11 @@ class ModelConfig:
     @property
     def tie_word_embeddings(self) -> bool:
         return bool(getattr(self.hf_config, "tie_word_embeddings", False))
+
+
+def text_config_of(config: PretrainedConfig) -> PretrainedConfig:
+    text = getattr(config, "text_config", None)
+    return text if text is not None else config
 
 
 def head_dim_of(config: PretrainedConfig) -> int:
@@ -130,12 +143,13 @@ def _read_generation_config(model_path: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def _context_len(config: PretrainedConfig, override: int | None) -> int:
+def _context_len(config: PretrainedConfig, override: int | None,
+                 architectures: list[str] | None = None) -> int:
     if override is not None:
         return override
     length = getattr(config, "max_position_embeddings", None) or 2048
     window = getattr(config, "sliding_window", None)
-    if "MistralForCausalLM" in (config.architectures or []) and window and window < length:
+    if "MistralForCausalLM" in (architectures or []) and window and window < length:
         # Our attention is full (no window): capping the context at the window keeps
         # results exact instead of silently attending past it.
         logger.info("Mistral sliding window %d: context length capped to it", window)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from radixserve.configs.ep_config import EpConfig
 from radixserve.configs.load_config import LoadConfig
 
 
@@ -27,3 +28,5 @@ class RunnerConfig:
     disable_cascade_attention: bool = False
     enable_symm_mem_all_reduce: bool = False
     enable_nccl_symm_all_reduce: bool = False
+    ep: EpConfig = EpConfig()  # expert parallelism, DP-attention, EPLB, the recorder
+    mm_embedding_cache_bytes: int = 1 << 30  # vision-encoder outputs kept by image hash

@@ -58,6 +58,9 @@ class ForwardBatch:
     cascade_inputs: torch.Tensor | None = None
     # Attention backends keep their per-batch metadata here.
     attn_metadata: Any = None
+    # Extend forwards holding image/video placeholder tokens: the spans of the items
+    # they run (multimodal/batch.py MultimodalBatch); None otherwise.
+    mm: Any = None
 
     @property
     def num_tokens(self) -> int:
@@ -65,18 +68,21 @@ class ForwardBatch:
 
 
 def fill_decode_inputs(host: torch.Tensor, reqs: list[Req], out_cache_loc: torch.Tensor,
-                       plan: CascadePlan | None) -> None:
+                       plan: CascadePlan | None, rope_deltas: bool = False) -> None:
     """Write a decode batch's inputs into the first len(reqs) columns of `host`, an int64
     CPU tensor of at least 5 rows, one row each: input_ids, positions, req_pool_indices,
     seq_lens, out_cache_loc (host slots), then, where `host` has the rows, the cascade
     plan's four (zeros without a plan). The block goes to the device in one copy, and
-    the ForwardBatch's decode tensors are its rows."""
+    the ForwardBatch's decode tensors are its rows. `rope_deltas` (M-RoPE models): each
+    position is offset by its request's rope_delta (the same on all three axes)."""
     h = host.numpy()
     bs = len(reqs)
     h[0, :bs] = [r.output_ids[-1] for r in reqs]
     h[1, :bs] = [r.kv_committed_len for r in reqs]
     h[2, :bs] = [r.req_pool_idx for r in reqs]
     h[3, :bs] = h[1, :bs] + 1
+    if rope_deltas:
+        h[1, :bs] += [r.rope_delta for r in reqs]
     h[4, :bs] = out_cache_loc.numpy()
     if host.shape[0] > 5:
         h[5:, :bs] = 0 if plan is None else plan.packed.numpy()

@@ -22,7 +22,8 @@ class Req:
     def __init__(self, rid: str, origin_input_ids: list[int], sampling_params: SamplingParams,
                  origin_input_text: str | None = None, return_logprob: bool = False,
                  logprob_start_len: int = -1, top_logprobs_num: int = 0,
-                 stream: bool = False, eos_token_ids: set[int] | None = None) -> None:
+                 stream: bool = False, eos_token_ids: set[int] | None = None,
+                 mm_inputs: Any = None) -> None:
         self.rid = rid
         self.origin_input_text = origin_input_text
         self.origin_input_ids = list(origin_input_ids)
@@ -68,6 +69,14 @@ class Req:
         # Structured output (constrained/): a ReqGrammar when the request has a
         # json_schema, regex or ebnf, set by the GrammarManager; None otherwise.
         self.grammar: Any = None
+        # Images and videos (multimodal/inputs.py MultimodalInputs), None for text. Their
+        # placeholder tokens are keyed by the items' hashes in the prefix cache
+        # (`key_ids`), and M-RoPE positions past the prompt are offset by rope_delta.
+        self.mm_inputs = mm_inputs
+        self.rope_delta = 0
+        if mm_inputs is not None:
+            mm_inputs.bind_prompt(self.origin_input_ids)
+            self.rope_delta = mm_inputs.rope_delta
 
         # Logprob state (only filled when return_logprob).
         self.output_token_logprobs: list[tuple[float, int]] = []
@@ -105,12 +114,17 @@ class Req:
     def finished(self) -> bool:
         return self.finished_reason is not None
 
+    def key_ids(self, ids: list[int]) -> list[int]:
+        """The prefix-cache key of `ids`, a prefix of this request's tokens: the ids
+        themselves, but for image/video placeholders, which stand for their item."""
+        return ids if self.mm_inputs is None else self.mm_inputs.key_ids(ids)
+
     def init_next_round_input(self, tree_cache: Any | None = None) -> None:
         """Set fill_ids to every token and, if given a cache, re-match the prefix."""
         self.fill_ids = self.all_ids
         if tree_cache is not None:
             # The last token must always be computed so that it yields logits.
-            match = tree_cache.match_prefix(self.fill_ids[:-1] if self.fill_ids else [])
+            match = tree_cache.match_prefix(self.key_ids(self.fill_ids[:-1]))
             self.prefix_indices = match.device_indices
             self.last_node = match.last_node
             if self.return_logprob and self.logprob_start_len >= 0:

@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from radixserve.configs.request_limits import RequestLimits
 from radixserve.entrypoints import native, ollama, tokenization
 from radixserve.entrypoints.dashboard import add_dashboard_routes
+from radixserve.entrypoints.expert_record_routes import add_expert_record_routes
 from radixserve.entrypoints.metrics_routes import add_metrics_routes
 from radixserve.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -190,9 +191,12 @@ def _check_body(body: Any, max_depth: int) -> None:
                              for i, v in enumerate(value))
 
 
+_NO_KEY_PATHS = frozenset({"/health", "/health_generate", "/dashboard"})
+
+
 class ApiKeyMiddleware:
-    """Refuse requests without `Authorization: Bearer <api key>` (except /health and
-    the /dashboard page).
+    """Refuse requests without `Authorization: Bearer <api key>` (except the health
+    checks and the /dashboard page).
 
     A plain ASGI middleware rather than `@app.middleware("http")`: Starlette's
     BaseHTTPMiddleware hands the route a receive channel that never reports the client's
@@ -205,7 +209,9 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # /dashboard is a static page holding no data; it passes the key on itself.
-        if scope["type"] == "http" and scope["path"] not in ("/health", "/dashboard"):
+        # sglang-router probes health without the key (also with --health-check-endpoint
+        # /health_generate), as SGLang's own workers allow.
+        if scope["type"] == "http" and scope["path"] not in _NO_KEY_PATHS:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not secrets.compare_digest(given, self.expected):
                 response = _error("invalid or missing API key (Authorization: Bearer ...)",
@@ -282,7 +288,11 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs,
     async def get_server_info() -> dict[str, Any]:
         info = await tm.get_server_info()
         args = {k: v for k, v in dataclasses.asdict(server_args).items() if k != "api_key"}
+        from radixserve import __version__
+
+        # served_model_name as served (sglang-router takes it as the worker's model id).
         return {**args, **dataclasses.asdict(info), "model_info": tm.model_info,
+                "served_model_name": tm.served_model_name, "version": __version__,
                 "num_pending_requests": tm.num_pending, "worker_pids": worker_pids or {}}
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
@@ -294,10 +304,15 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs,
     @app.post("/abort_request")
     async def abort_request(request: Request) -> Response:
         body = await _json_body(request, limits)
-        rid = body.get("rid") if isinstance(body, dict) else None
+        if not isinstance(body, dict):
+            raise InvalidRequestError("the body must be a JSON object", "rid")
+        abort_all = body.get("abort_all", False)
+        if not isinstance(abort_all, bool):
+            raise InvalidRequestError("abort_all must be a boolean", "abort_all")
+        rid = body.get("rid", "" if abort_all else None)
         if not isinstance(rid, str):
             raise InvalidRequestError("rid must be a string", "rid")
-        tm.abort_request(rid)
+        tm.abort_request(rid, abort_all=abort_all)
         return PlainTextResponse("ok")
 
     @app.api_route("/generate", methods=["POST", "PUT"])
@@ -343,6 +358,7 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs,
 
     add_metrics_routes(app, server_args)
     add_dashboard_routes(app, tm, server_args)
+    add_expert_record_routes(app, tm)
     return app
 
 

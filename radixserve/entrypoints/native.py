@@ -4,8 +4,9 @@ Responses are {"text", "output_ids", "meta_info"} (a list for batched prompts or
 n > 1). Streamed chunks carry the cumulative text and ids so far, as SGLang's do,
 plus "index" to tell the prompts/samples of one call apart.
 
-The request takes SGLang's GenerateReqInput fields. Those radixserve does not
-implement (images, LoRA, hidden states, disaggregation, ...) are accepted at their
+The request takes SGLang's GenerateReqInput fields, images and videos included
+(image_data / video_data, docs/multimodal.md). Those radixserve does not
+implement (audio, LoRA, hidden states, disaggregation, ...) are accepted at their
 defaults only, so SGLang clients that leave them unset run unchanged and a request
 that sets one is a 400 naming it, not an answer that silently ignored it.
 """
@@ -35,7 +36,7 @@ from radixserve.managers.tokenizer_manager import (
 
 # Field -> its default; a request must leave these at the default.
 _UNSUPPORTED: dict[str, Any] = {
-    "input_embeds": None, "image_data": None, "audio_data": None, "video_data": None,
+    "input_embeds": None, "audio_data": None,
     "lora_path": None, "lora_id": None, "custom_logit_processor": None,
     "token_ids_logprob": None, "session_params": None, "bootstrap_host": None,
     "bootstrap_port": None, "bootstrap_room": None, "data_parallel_rank": None,
@@ -54,6 +55,9 @@ class GenerateRequest(RequestModel):
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
     log_metrics: bool = True  # radixserve's metrics count every request
+    # Vision-language models (docs/multimodal.md): a payload or a list per prompt.
+    image_data: Any = None
+    video_data: Any = None
 
 
 def check_unsupported(body: Any) -> None:

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 
 from radixserve.entrypoints.openai.protocol import ChatMessage, RequestModel, parse_request
 from radixserve.entrypoints.openai.serving_chat import render_template
+from radixserve.managers.multimodal_requests import chat_media
 from radixserve.managers.request_validation import InvalidRequestError, check_prompt_bytes
 from radixserve.managers.tokenizer_manager import TokenizerManager
 
@@ -101,6 +102,8 @@ def _tokenizer(tm: TokenizerManager) -> Any:
 
 
 def _apply_template(tokenizer: Any, req: TokenizeRequest) -> str:
-    messages = [m.template_dict() for m in req.messages or []]
+    # Image/video parts render as the template's placeholders (one pad token each: the
+    # count an item expands to is known only once it is processed).
+    messages, _media = chat_media([m.template_dict() for m in req.messages or []])
     return render_template(tokenizer, messages,
                            add_generation_prompt=req.add_generation_prompt)

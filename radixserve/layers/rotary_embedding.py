@@ -1,4 +1,5 @@
-"""Rotary position embedding: default RoPE, Llama 3's frequency scaling and YaRN.
+"""Rotary position embedding: default RoPE, Llama 3's frequency scaling, YaRN, and the
+multimodal M-RoPE of Qwen2.5-VL / Qwen3-VL (three position axes: time, height, width).
 
 One cos/sin table of shape [max_position, rotary_dim] (cos in the first half, sin in
 the second, float32) is built at init; each forward gathers the rows of its positions.
@@ -28,6 +29,9 @@ def rope_params(config: PretrainedConfig) -> tuple[float, dict[str, Any] | None]
     """
     params = dict(getattr(config, "rope_parameters", None) or {})
     theta = params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+    mrope = _mrope_scaling(params) or _mrope_scaling(getattr(config, "rope_scaling", None))
+    if mrope is not None:
+        return float(theta), mrope
     scaling = params if params.get("rope_type", "default") != "default" else None
     if scaling is None:
         scaling = getattr(config, "rope_scaling", None)
@@ -36,6 +40,15 @@ def rope_params(config: PretrainedConfig) -> tuple[float, dict[str, Any] | None]
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         scaling = None if rope_type == "default" else {**scaling, "rope_type": rope_type}
     return float(theta), scaling
+
+
+def _mrope_scaling(params: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The M-RoPE entry of a VL config's rope parameters (its `mrope_section` marks it;
+    the config's own type key says "default" or "mrope" depending on its age)."""
+    if not params or not params.get("mrope_section"):
+        return None
+    return {"rope_type": "mrope", "mrope_section": [int(s) for s in params["mrope_section"]],
+            "mrope_interleaved": bool(params.get("mrope_interleaved", False))}
 
 
 class RotaryEmbedding(nn.Module):
@@ -75,16 +88,17 @@ class RotaryEmbedding(nn.Module):
         """`forward`, and with kv_write (and value), the rotated key and the value written
         to the KV pool by the same kernel where it can. Returns (query, key, whether k/v
         were stored): when False, the attention backend must store them."""
+        table, positions = self._table_and_rows(positions)
         if query.is_cuda:
             kernel = triton_kernel("radixserve.layers.triton_kernels", "apply_rotary_")
             if kernel is not None:
                 store = kv_write is not None and self.rotary_dim == self.head_size
-                kernel(query, key, positions, self.cos_sin_cache, self.is_neox_style,
+                kernel(query, key, positions, table, self.is_neox_style,
                        self.head_size, kv_write=kv_write if store else None,
                        v=value if store else None)
                 return query, key, store
-        query, key = self.forward_native(positions, query, key)
-        return query, key, False
+        cos, sin = table[positions].chunk(2, dim=-1)
+        return self._rotate(query, cos, sin), self._rotate(key, cos, sin), False
 
     def forward_with_qk_norm(self, positions: torch.Tensor, query: torch.Tensor,
                              key: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm,
@@ -100,7 +114,8 @@ class RotaryEmbedding(nn.Module):
             kernel = triton_kernel("radixserve.layers.triton_kernels.qk_norm_rotary",
                                    "qk_norm_rotary_")
             if kernel is not None:
-                kernel(query, key, positions, self.cos_sin_cache, q_norm.weight, k_norm.weight,
+                table, rows = self._table_and_rows(positions)
+                kernel(query, key, rows, table, q_norm.weight, k_norm.weight,
                        q_norm.variance_epsilon, self.is_neox_style, kv_write=kv_write,
                        v=value if kv_write is not None else None)
                 return query, key, kv_write is not None
@@ -110,8 +125,13 @@ class RotaryEmbedding(nn.Module):
 
     def forward_native(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)
+        table, positions = self._table_and_rows(positions)
+        cos, sin = table[positions].chunk(2, dim=-1)
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+
+    def _table_and_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos/sin table the kernels read and each token's row in it."""
+        return self.cos_sin_cache, positions
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
@@ -202,6 +222,54 @@ class YaRNScalingRotaryEmbedding(RotaryEmbedding):
         return super()._compute_cos_sin_cache() * self.attention_factor
 
 
+class MRotaryEmbedding(RotaryEmbedding):
+    """M-RoPE (Qwen2-VL and later): each frequency of the rotary half-dimension takes its
+    angle from one of three position axes (t, h, w). Positions are [3, T], or [T] when
+    every axis is equal (text tokens, decode steps), which is plain RoPE: the CUDA-graph
+    decode path is unchanged. `mrope_section` counts the frequencies per axis; in the
+    plain layout they are contiguous runs (t first), in Qwen3-VL's interleaved layout
+    frequency j belongs to h when j % 3 == 1 and to w when j % 3 == 2, within each
+    axis's 3 * section, and to t otherwise.
+
+    For [3, T] positions a per-token table of the mixed cos/sin rows is built and the
+    same kernels read it with positions 0..T-1."""
+
+    def __init__(self, head_size: int, rotary_dim: int, max_position: int, base: float,
+                 is_neox_style: bool, mrope_section: list[int],
+                 interleaved: bool = False) -> None:
+        super().__init__(head_size, rotary_dim, max_position, base, is_neox_style)
+        half = rotary_dim // 2
+        if len(mrope_section) != 3 or sum(mrope_section) != half:
+            raise ValueError(f"mrope_section {mrope_section} must be three counts summing to "
+                             f"rotary_dim / 2 = {half}")
+        self.mrope_section = list(mrope_section)
+        self.interleaved = interleaved
+        self.register_buffer("freq_axis", mrope_freq_axis(mrope_section, interleaved),
+                             persistent=False)
+
+    def _table_and_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 1:
+            return self.cos_sin_cache, positions
+        half = self.rotary_dim // 2
+        rows = self.cos_sin_cache[positions]  # [3, T, rotary_dim]
+        axis = self.freq_axis.view(1, 1, half).expand(1, rows.shape[1], half)
+        cos = rows[..., :half].gather(0, axis)
+        sin = rows[..., half:].gather(0, axis)
+        table = torch.cat((cos, sin), dim=-1)[0].contiguous()
+        return table, torch.arange(table.shape[0], device=positions.device)
+
+
+def mrope_freq_axis(mrope_section: list[int], interleaved: bool) -> torch.Tensor:
+    """For each rotary frequency, the position axis (0 = t, 1 = h, 2 = w) it reads."""
+    half = sum(mrope_section)
+    if not interleaved:
+        return torch.repeat_interleave(torch.arange(3), torch.tensor(mrope_section))
+    axis = torch.zeros(half, dtype=torch.int64)
+    for a in (1, 2):
+        axis[a:3 * mrope_section[a]:3] = a
+    return axis
+
+
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
@@ -223,6 +291,10 @@ def get_rope(head_size: int, rotary_dim: int, max_position: int, base: float,
     if rope_scaling is None:
         return RotaryEmbedding(head_size, rotary_dim, max_position, base, is_neox_style)
     rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
+    if rope_type == "mrope":
+        return MRotaryEmbedding(head_size, rotary_dim, max_position, base, is_neox_style,
+                                rope_scaling["mrope_section"],
+                                bool(rope_scaling.get("mrope_interleaved", False)))
     if rope_type == "llama3":
         return Llama3RotaryEmbedding(
             head_size, rotary_dim, max_position, base, is_neox_style,
@@ -234,5 +306,5 @@ def get_rope(head_size: int, rotary_dim: int, max_position: int, base: float,
         return YaRNScalingRotaryEmbedding(head_size, rotary_dim, max_position, base,
                                           is_neox_style, rope_scaling)
     raise ValueError(f"rope_scaling type {rope_type!r} is not supported (supported: default, "
-                     f"llama3, yarn)")
+                     f"llama3, yarn, mrope)")
 

@@ -27,11 +27,14 @@ from radixserve.configs.model_config import ModelConfig
 from radixserve.managers.io_struct import (
     AbortReq,
     BatchTokenIDOut,
+    ExpertDistributionReq,
+    ExpertDistributionReqOutput,
     FlushCacheReq,
     GetServerInfoReq,
     ServerInfo,
     TokenizedGenerateReqInput,
 )
+from radixserve.managers.expert_record import merge_records
 from radixserve.managers.ipc import PortArgs, zmq_socket
 from radixserve.managers.launcher import dead_process, replica_port_args, stop_processes
 from radixserve.managers.request_validation import ModelLimits, RequestValidator, limits_from
@@ -191,6 +194,10 @@ class DataParallelController(SchedulerInterface):
 
     def flush_cache(self) -> bool:
         return all(r.success for r in self._ask_all(FlushCacheReq()))
+
+    def expert_distribution(self, req: ExpertDistributionReq) -> ExpertDistributionReqOutput:
+        """Every DP-attention rank's record, summed here (each answers alone)."""
+        return merge_records(self._ask_all(ExpertDistributionReq(req.action, False)))
 
     def get_server_info(self) -> ServerInfo:
         infos = self._ask_all(GetServerInfoReq())

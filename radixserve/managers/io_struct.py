@@ -1,7 +1,8 @@
 """Messages between the TokenizerManager, the Scheduler and the DetokenizerManager.
 
 They cross process boundaries pickled over ZMQ, so they are plain dataclasses of
-Python lists and scalars (never tensors).
+Python lists and scalars; the one exception is a multimodal request's pixel tensors,
+sent once with the request (never in per-step messages).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ class TokenizedGenerateReqInput:
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
     stream: bool = False
+    # Images / videos: multimodal/inputs.py MultimodalInputs (input_ids already hold
+    # each item's placeholder tokens); None for a text request.
+    mm_inputs: Any = None
 
 
 @dataclass
@@ -40,6 +44,28 @@ class FlushCacheReq:
 @dataclass
 class GetServerInfoReq:
     pass
+
+
+@dataclass
+class ExpertDistributionReq:
+    """/start_, /stop_ and /dump_expert_distribution_record: action is start, stop or
+    dump. `reduce`: the answer sums the EP group's ranks (TP ranks, collectively at a
+    step boundary); the DP controller asks its DP-attention ranks with False and sums
+    their answers itself."""
+
+    action: str
+    reduce: bool = True
+
+
+@dataclass
+class ExpertDistributionReqOutput:
+    """The answer; `record` (dump only) is layers/moe/ep/expert_distribution.py's
+    record as lists: mode, moe_layers, logical_count [layers][experts], and per mode
+    logical_count_per_pass or per_token."""
+
+    success: bool
+    message: str = ""
+    record: dict[str, Any] | None = None
 
 
 @dataclass

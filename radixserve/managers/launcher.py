@@ -56,6 +56,20 @@ def dist_addr_for(server_args: ServerArgs, dp_rank: int) -> str:
         return f"127.0.0.1:{s.getsockname()[1]}"
 
 
+# The one rendezvous address of each DP-attention launch, by ServerArgs (kept alive
+# with it, so the id stays its own).
+_DP_ATTENTION_ADDRS: dict[int, tuple[ServerArgs, str]] = {}
+
+
+def dp_attention_addr(server_args: ServerArgs) -> str:
+    """host:port of the DP-attention world that all dp_size ranks join: --dist-init-addr,
+    or a free local port chosen once per launch."""
+    key = id(server_args)
+    if key not in _DP_ATTENTION_ADDRS:
+        _DP_ATTENTION_ADDRS[key] = (server_args, dist_addr_for(server_args, 0))
+    return _DP_ATTENTION_ADDRS[key][1]
+
+
 def rank_name(server_args: ServerArgs, dp_rank: int, tp_rank: int) -> str:
     if server_args.tp_size == 1 and server_args.dp_size == 1:
         return "scheduler"
@@ -70,8 +84,12 @@ def spawn_replica(server_args: ServerArgs, dp_rank: int,
 
     ctx = mp.get_context("spawn")
     addr = dist_addr_for(server_args, dp_rank) if server_args.tp_size > 1 else None
+    ranks = local_tp_ranks(server_args)
+    if server_args.enable_dp_attention:
+        # Replica d is rank d of one DP-attention world (managers/dp_attention.py).
+        addr, ranks = dp_attention_addr(server_args), range(1)
     out = []
-    for tp_rank in local_tp_ranks(server_args):
+    for tp_rank in ranks:
         reader, writer = ctx.Pipe(duplex=False)
         if tp_rank == 0:
             target: Any = run_scheduler_process

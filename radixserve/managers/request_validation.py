@@ -171,9 +171,11 @@ class RequestValidator:
     def build(self, prompts: Sequence[Prompt], sampling_params: Any = None, *,
               return_logprob: bool = False, logprob_start_len: int | None = None,
               top_logprobs_num: int | None = 0, stream: bool = False,
-              rid: str | None = None) -> list[TokenizedGenerateReqInput]:
+              rid: str | None = None, mm_inputs: Sequence[Any] | None = None
+              ) -> list[TokenizedGenerateReqInput]:
         """Validate tokenized prompts with their sampling params (a dict, a
         SamplingParams, None, or a list of those, one per prompt) and expand n.
+        `mm_inputs`: per prompt, its images and videos (multimodal/), or None.
 
         rids: `rid` (a fresh uuid when None) for a single output, else
         f"{rid}-{index}" with index = running count over prompts and their n samples.
@@ -194,7 +196,8 @@ class RequestValidator:
         base_rid = rid or uuid.uuid4().hex
         total = sum(params.n for params, _ in parsed)
         reqs: list[TokenizedGenerateReqInput] = []
-        for (text, ids), (params, budget) in zip(prompts, parsed):
+        media = list(mm_inputs) if mm_inputs is not None else [None] * len(prompts)
+        for (text, ids), (params, budget), mm in zip(prompts, parsed, media):
             self.check_prompt_ids(ids)
             req_params = self.fit_max_new_tokens(params, len(ids), budget)
             if return_logprob and start >= len(ids):
@@ -212,6 +215,7 @@ class RequestValidator:
                     logprob_start_len=start,
                     top_logprobs_num=top,
                     stream=bool(stream),
+                    mm_inputs=mm,
                 ))
         return reqs
 
@@ -236,6 +240,14 @@ class RequestValidator:
         self.check_logprob_start_len(req.logprob_start_len)
         self._check_sent_params(req.sampling_params)
         self.check_prompt_ids(req.input_ids)
+        if req.mm_inputs is not None:
+            from radixserve.multimodal.checks import check_mm_inputs
+            from radixserve.multimodal.errors import MultimodalInputError
+
+            try:
+                check_mm_inputs(req.mm_inputs, req.input_ids)
+            except MultimodalInputError as exc:
+                raise InvalidRequestError(exc.message, exc.param) from None
 
     def is_well_formed(self, req: Any) -> bool:
         try:

@@ -30,7 +30,10 @@ from radixserve.core.sampling_params import SamplingParams
 from radixserve.core.schedule_batch import ScheduleBatch
 from radixserve.managers.batch_worker import BatchWorker
 from radixserve.managers.decode_batching import DecodeBatcher
-from radixserve.managers.io_struct import BatchTokenIDOut, ServerInfo, TokenizedGenerateReqInput
+from radixserve.managers.expert_record import handle_expert_record
+from radixserve.managers.io_struct import (BatchTokenIDOut, ExpertDistributionReq,
+                                           ExpertDistributionReqOutput, ServerInfo,
+                                           TokenizedGenerateReqInput)
 from radixserve.managers.kv_accounting import KVAccounting, make_prefix_cache
 from radixserve.managers.output_processor import OutputProcessor
 from radixserve.managers.prefill_admission import NewTokenRatio, PrefillAdmission
@@ -127,7 +130,7 @@ class Scheduler(SchedulerInterface):
         req = Req(recv.rid, recv.input_ids, sp, origin_input_text=recv.input_text,
                   return_logprob=recv.return_logprob, logprob_start_len=recv.logprob_start_len,
                   top_logprobs_num=recv.top_logprobs_num, stream=recv.stream,
-                  eos_token_ids=self.model_config.eos_token_ids)
+                  eos_token_ids=self.model_config.eos_token_ids, mm_inputs=recv.mm_inputs)
         if recv.rid in self._rids:
             self._reject(req, f"duplicate request id {recv.rid!r}")
             return
@@ -313,6 +316,10 @@ class Scheduler(SchedulerInterface):
             return False
         self.kv.tree_cache.reset()
         return True
+
+    def expert_distribution(self, req: ExpertDistributionReq) -> ExpertDistributionReqOutput:
+        """The expert-load recorder's start / stop / dump (managers/expert_record.py)."""
+        return handle_expert_record(self.model_runner.experts, req)
 
     def _queue_head(self, n: int = 8) -> list[dict[str, Any]]:
         """The first waiting requests in arrival order (for /dashboard)."""

@@ -7,7 +7,9 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from radixserve.configs.model_config import ModelConfig
-from radixserve.managers.io_struct import BatchTokenIDOut, ServerInfo, TokenizedGenerateReqInput
+from radixserve.managers.io_struct import (BatchTokenIDOut, ExpertDistributionReq,
+                                           ExpertDistributionReqOutput, ServerInfo,
+                                           TokenizedGenerateReqInput)
 from radixserve.managers.request_validation import ModelLimits
 
 
@@ -33,6 +35,9 @@ class SchedulerInterface(Protocol):
 
     def flush_cache(self) -> bool:
         """Drop the prefix cache; False while requests hold KV."""
+
+    def expert_distribution(self, req: ExpertDistributionReq) -> ExpertDistributionReqOutput:
+        """The expert-load recorder's start / stop / dump (managers/expert_record.py)."""
 
     def get_server_info(self) -> ServerInfo:
         """Pool and queue state, for /get_server_info, metrics and leak checks."""

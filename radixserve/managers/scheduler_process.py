@@ -18,6 +18,7 @@ import zmq
 
 from radixserve.managers.io_struct import (
     AbortReq,
+    ExpertDistributionReq,
     FlushCacheReq,
     FlushCacheReqOutput,
     GetServerInfoReq,
@@ -104,6 +105,8 @@ class SchedulerLoop:
             self.to_tokenizer.send_pyobj(FlushCacheReqOutput(self.scheduler.flush_cache()))
         elif isinstance(msg, GetServerInfoReq):
             self.to_tokenizer.send_pyobj(self.scheduler.get_server_info())
+        elif isinstance(msg, ExpertDistributionReq):
+            self.to_tokenizer.send_pyobj(self.scheduler.expert_distribution(msg))
         else:
             logger.warning("scheduler ignores unexpected message %r", type(msg).__name__)
 
@@ -122,6 +125,10 @@ def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs,
     def make_scheduler() -> Any:
         from radixserve.managers.scheduler import Scheduler
 
+        if server_args.enable_dp_attention:
+            from radixserve.managers.dp_attention import join_dp_attention
+
+            return join_dp_attention(server_args, dp_rank, str(dist_addr))
         if server_args.tp_size > 1:
             from radixserve.distributed.parallel_state import init_tp_group
             from radixserve.managers.tp_sync import TpScheduler

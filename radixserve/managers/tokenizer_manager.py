@@ -22,6 +22,8 @@ import zmq.asyncio
 from radixserve.managers.io_struct import (
     AbortReq,
     BatchStrOut,
+    ExpertDistributionReq,
+    ExpertDistributionReqOutput,
     FlushCacheReq,
     FlushCacheReqOutput,
     GetServerInfoReq,
@@ -66,6 +68,11 @@ class GenerateReqInput:
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
+    # Images and videos (SGLang's fields; per prompt for a batch), or, from the chat
+    # endpoint, `media`: per prompt its parts already named after the request's fields.
+    image_data: Any = None
+    video_data: Any = None
+    media: list[Any] | None = None
 
 
 @dataclass
@@ -109,6 +116,7 @@ class TokenizerManager:
         self._states: dict[str, _ReqState] = {}
         self._info_waiters: deque[asyncio.Future] = deque()
         self._flush_waiters: deque[asyncio.Future] = deque()
+        self._expert_waiters: deque[asyncio.Future] = deque()  # the expert recorder
         self.dead_reason: str | None = None
         self._loop_task: asyncio.Task | None = None
         # Request timings and counters, --log-requests lines, the trace's root span.
@@ -118,6 +126,7 @@ class TokenizerManager:
         # tokenizer releases the GIL while it encodes, and one worker never runs two
         # encodes on the same tokenizer at once (not every tokenizer allows that).
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        self._media_preparer: Any = None  # made in that thread on the first image request
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -133,7 +142,7 @@ class TokenizerManager:
         self.dead_reason = reason
         for state in self._states.values():
             state.queue.put_nowait(state)
-        for waiter in (*self._info_waiters, *self._flush_waiters):
+        for waiter in (*self._info_waiters, *self._flush_waiters, *self._expert_waiters):
             if not waiter.done():
                 waiter.set_exception(ServerDeadError(reason))
 
@@ -242,8 +251,14 @@ class TokenizerManager:
                 "output_ids": list(state.output_ids), "meta_info": meta,
                 "finished": state.finished}
 
-    def abort_request(self, rid: str) -> None:
-        """Abort a request; a base rid of an n > 1 or batch request aborts all its parts."""
+    def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
+        """Abort a request; a base rid of an n > 1 or batch request aborts all its parts.
+        `abort_all` (SGLang's field) aborts every request this manager tracks; rid is
+        ignored then."""
+        if abort_all:
+            for r in list(self._states):
+                self._to_scheduler.send_pyobj(AbortReq(r))
+            return
         parts = [r for r in self._states if r.startswith(rid + "-")]
         for r in (rid, *parts):
             self._to_scheduler.send_pyobj(AbortReq(r))
@@ -256,10 +271,38 @@ class TokenizerManager:
 
     def _tokenize_and_validate(self, obj: GenerateReqInput) -> list[TokenizedGenerateReqInput]:
         """The shared rules (request_validation.py), the same as the offline Engine's."""
+        if obj.media is not None or obj.image_data is not None or obj.video_data is not None:
+            return self._prepare_with_media(obj)
         reqs, _single = self.validator.prepare(
             obj.text, obj.input_ids, self.tokenizer, obj.sampling_params,
             return_logprob=obj.return_logprob, logprob_start_len=obj.logprob_start_len,
             top_logprobs_num=obj.top_logprobs_num, stream=obj.stream, rid=obj.rid)
+        return reqs
+
+    def media_preparer(self) -> Any:
+        """The model's image/video processing (multimodal_requests.MediaPreparer), made on
+        first use; call it in the tokenizer thread."""
+        if self._media_preparer is None:
+            from radixserve.configs.model_config import load_hf_config
+            from radixserve.managers.multimodal_requests import MediaPreparer
+
+            args = self.server_args
+            hf_config = load_hf_config(str(args.model_path), args.is_gguf,
+                                       args.trust_remote_code)
+            self._media_preparer = MediaPreparer(hf_config, str(args.model_path),
+                                                 args.multimodal_config(), self.limits)
+        return self._media_preparer
+
+    def _prepare_with_media(self, obj: GenerateReqInput) -> list[TokenizedGenerateReqInput]:
+        """Images and videos are loaded and processed here, in the tokenizer thread."""
+        from radixserve.managers.multimodal_requests import prepare_with_media
+
+        reqs, _single = prepare_with_media(
+            self.validator, self.media_preparer(), obj.text, obj.input_ids, self.tokenizer,
+            obj.media, obj.sampling_params, return_logprob=obj.return_logprob,
+            logprob_start_len=obj.logprob_start_len, top_logprobs_num=obj.top_logprobs_num,
+            stream=obj.stream, rid=obj.rid, image_data=obj.image_data,
+            video_data=obj.video_data)
         return reqs
 
     # --- control requests ------------------------------------------------------
@@ -270,6 +313,11 @@ class TokenizerManager:
     async def flush_cache(self, timeout_s: float = 30.0) -> bool:
         reply = await self._ask(FlushCacheReq(), self._flush_waiters, timeout_s)
         return reply.success
+
+    async def expert_distribution(self, action: str, timeout_s: float = 60.0
+                                  ) -> ExpertDistributionReqOutput:
+        """The expert-load recorder: start, stop or dump (managers/expert_record.py)."""
+        return await self._ask(ExpertDistributionReq(action), self._expert_waiters, timeout_s)
 
     async def _ask(self, msg: object, waiters: deque, timeout_s: float) -> Any:
         self._check_alive()
@@ -301,6 +349,8 @@ class TokenizerManager:
             _resolve(self._info_waiters, msg)
         elif isinstance(msg, FlushCacheReqOutput):
             _resolve(self._flush_waiters, msg)
+        elif isinstance(msg, ExpertDistributionReqOutput):
+            _resolve(self._expert_waiters, msg)
         else:
             logger.warning("tokenizer manager ignores unexpected %r", type(msg).__name__)
 

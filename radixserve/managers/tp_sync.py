@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from radixserve.distributed.parallel_state import TpGroup
-from radixserve.managers.io_struct import BatchTokenIDOut, ServerInfo, TokenizedGenerateReqInput
+from radixserve.managers.io_struct import (BatchTokenIDOut, ExpertDistributionReq,
+                                           ExpertDistributionReqOutput, ServerInfo,
+                                           TokenizedGenerateReqInput)
 from radixserve.managers.request_validation import ModelLimits
 from radixserve.managers.scheduler import Scheduler
 from radixserve.managers.scheduler_interface import SchedulerInterface
@@ -28,7 +30,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class StepCommands:
     """What rank 0 broadcasts before a step: ("add", TokenizedGenerateReqInput),
-    ("abort", rid) or ("flush", None), in arrival order."""
+    ("abort", rid), ("flush", None) or ("experts", ExpertDistributionReq), in arrival
+    order."""
 
     commands: list[tuple[str, Any]] = field(default_factory=list)
     grammar_ready: list[str] = field(default_factory=list)
@@ -46,6 +49,8 @@ def apply_commands(scheduler: Scheduler, msg: StepCommands) -> list[Any]:
             scheduler.abort_request(arg)
         elif kind == "flush":
             results.append(scheduler.flush_cache())
+        elif kind == "experts":  # the recorder: a dump sums over the ranks, here
+            results.append(scheduler.expert_distribution(arg))
         else:
             raise ValueError(f"unknown TP command {kind!r}")
     return results
@@ -80,6 +85,11 @@ class TpScheduler(SchedulerInterface):
 
     def flush_cache(self) -> bool:
         self._commands.append(("flush", None))
+        return self._broadcast(step=False)[-1]
+
+    def expert_distribution(self, req: ExpertDistributionReq) -> ExpertDistributionReqOutput:
+        """Applied by every rank at the same point, as a flush is."""
+        self._commands.append(("experts", req))
         return self._broadcast(step=False)[-1]
 
     def get_server_info(self) -> ServerInfo:

@@ -295,7 +295,7 @@ class RadixCache:
             n = req.kv_committed_len
             aligned = _page_floor(n, self.page_size)
             slots = self._row_slots(req, n)
-            self._insert_req(req, req.all_ids[:aligned], slots[:aligned])
+            self._insert_req(req, req.key_ids(req.all_ids[:aligned]), slots[:aligned])
             # The partial last page cannot enter the tree; free it unless it is tree-owned
             # (kv_committed_len can trail the matched prefix if the request ended early).
             tail_start = max(aligned, self._tree_len(req))
@@ -323,7 +323,7 @@ class RadixCache:
             raise ValueError(f"request {req.rid}: kv_committed_len {n} is shorter than "
                              f"its prefix ({len(req.prefix_indices)})")
         aligned = _page_floor(n, self.page_size)
-        key = req.fill_ids[:aligned]
+        key = req.key_ids(req.fill_ids[:aligned])
         slots = self._row_slots(req, n)
         self._insert_req(req, key, slots[:aligned])
         match = self.match_prefix(key)

@@ -51,6 +51,9 @@ class SchedulerObserver:
         self._retractions_reported = 0
         self._gen_throughput = 0.0
         self._cache_hit_rate = 0.0
+        # A gauge never set exports its family without samples, which breaks tools that
+        # merge workers' /metrics by label names (sglang-router's /engine_metrics).
+        self._publish(0)
 
     # --- hook ------------------------------------------------------------------------
 

@@ -52,6 +52,8 @@ class GraphTarget:
     token_to_kv_pool: Any
     future: FutureTokenMap
     tp_group: TpGroup
+    # M-RoPE models: decode positions are offset by each request's rope_delta.
+    rope_deltas: bool = False
 
 
 class CudaGraphRunner:
@@ -184,7 +186,7 @@ class CudaGraphRunner:
         # From the caching host allocator: it holds the block until the copy that reads
         # it is done, so a later step never overwrites it in flight.
         host = torch.empty(self.num_rows, padded, dtype=torch.int64, pin_memory=True)
-        fill_decode_inputs(host, reqs, out_cache_loc, plan)
+        fill_decode_inputs(host, reqs, out_cache_loc, plan, self.target.rope_deltas)
         if padded != bs:
             host[:, bs:] = self._pad_host
         self._blocks[padded].copy_(host, non_blocking=True)

@@ -24,6 +24,8 @@ from radixserve.distributed.parallel_state import get_tp_group, kv_heads_per_ran
 from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.attention.cascade import CascadePlan, CascadePlanner
 from radixserve.layers.attention.registry import AttentionSpec, create_attention_backend
+from radixserve.layers.moe.ep.ep_runtime import ExpertParallelRuntime
+from radixserve.layers.moe.ep.state import setup_expert_parallel
 from radixserve.layers.sampler import Sampler, get_token_logprobs
 from radixserve.mem_cache.allocator import TokenToKVPoolAllocator
 from radixserve.mem_cache.memory_pool import (MHATokenToKVPool, MLATokenToKVPool,
@@ -32,6 +34,8 @@ from radixserve.model_executor.cuda_graph_runner import (DEFAULT_MAX_BS, CudaGra
                                                        GraphTarget)
 from radixserve.model_executor.future_tokens import FutureTokenMap
 from radixserve.model_loader.loader import load_model
+from radixserve.multimodal.batch import multimodal_batch, mrope_positions
+from radixserve.multimodal.cache import EmbeddingCache
 from radixserve.sampling.sampling_batch_info import GreedyInfoCache, SamplingBatchInfo
 
 logger = logging.getLogger(__name__)
@@ -70,7 +74,19 @@ class ModelRunner:
         self.num_kv_heads = kv_heads_per_rank(model_config.num_key_value_heads,
                                               self.tp_group.size)
         torch.manual_seed(config.random_seed)
+        # Expert parallelism / EPLB / the recorder: the MoE layers read their expert
+        # placement while they are built (None: plain FusedMoE).
+        expert_state = setup_expert_parallel(config.ep, self.tp_group,
+                                             model_config.text_config, self.device)
         self.model = load_model(config.load, model_config)
+        self.experts = (ExpertParallelRuntime(expert_state, self.model)
+                        if expert_state is not None else None)
+        self.forward_passes = 0  # DP-attention compares it across a step
+        # Vision-language models: [3, T] positions for batches holding images, decode
+        # positions offset by each request's rope_delta, and the encoder-output cache.
+        self.uses_mrope = bool(getattr(self.model, "uses_mrope", False))
+        self.mm_cache = (EmbeddingCache(config.mm_embedding_cache_bytes)
+                         if hasattr(self.model, "encode_multimodal") else None)
         self._init_memory_pools()
         self.attn_backend = self._make_attn_backend()
         self.cascade_planner = self._make_cascade_planner()
@@ -87,7 +103,8 @@ class ModelRunner:
         self.cuda_graph_runner: CudaGraphRunner | None = None
         if self.device.type == "cuda" and not config.disable_cuda_graph:
             target = GraphTarget(self.model, self.attn_backend, self.req_to_token_pool,
-                                 self.token_to_kv_pool, self.future, self.tp_group)
+                                 self.token_to_kv_pool, self.future, self.tp_group,
+                                 rope_deltas=self.uses_mrope)
             max_bs = min(config.cuda_graph_max_bs or DEFAULT_MAX_BS, self.max_running_requests)
             self.cuda_graph_runner = CudaGraphRunner(
                 target, max_bs=max_bs, vocab_size=model_config.vocab_size,
@@ -184,7 +201,7 @@ class ModelRunner:
             plan = self._cascade_plan(reqs)
             host = torch.empty(5 if plan is None else 5 + plan.packed.shape[0], len(reqs),
                                dtype=torch.int64)
-            fill_decode_inputs(host, reqs, batch.out_cache_loc, plan)
+            fill_decode_inputs(host, reqs, batch.out_cache_loc, plan, self.uses_mrope)
             seq_lens_cpu = host[3].tolist()
             packed = to_device_async(host, dev)
             input_ids, positions_d, rows_d, seq_lens, out_loc = packed[:5].unbind(0)
@@ -213,9 +230,17 @@ class ModelRunner:
         starts = [0]
         for e in ext_lens[:-1]:
             starts.append(starts[-1] + e)
+        mm, positions_d = None, None
+        if self.mm_cache is not None:
+            mms = [r.mm_inputs for r in reqs]
+            mm = multimodal_batch(mms, prefix_lens, ext_lens, self.mm_cache)
+            positions_3d = mrope_positions(mms, prefix_lens, ext_lens) if self.uses_mrope else None
+            if positions_3d is not None:
+                positions_d = positions_3d.to(dev, non_blocking=True)
         return ForwardBatch(
-            forward_mode=batch.forward_mode, batch_size=len(reqs),
-            input_ids=_tensor(input_ids, dev), positions=_tensor(positions, dev),
+            forward_mode=batch.forward_mode, batch_size=len(reqs), mm=mm,
+            input_ids=_tensor(input_ids, dev),
+            positions=_tensor(positions, dev) if positions_d is None else positions_d,
             req_pool_indices=_tensor(rows, dev), seq_lens=_tensor(seq_lens, dev),
             out_cache_loc=to_device_async(batch.out_cache_loc, dev),
             seq_lens_cpu=seq_lens, req_to_token_pool=self.req_to_token_pool,
@@ -246,6 +271,9 @@ class ModelRunner:
         # kernels enqueued before this one.
         self.tp_group.begin_forward()
         hidden = self.model(fb.input_ids, fb.positions, fb)
+        self.forward_passes += 1
+        if self.experts is not None:
+            self.experts.after_pass()  # EPLB rebalances here, between passes
         if fb.logits_indices is not None:
             hidden = hidden[fb.logits_indices]
         return self.model.compute_logits(hidden)

@@ -30,6 +30,7 @@ from radixserve.distributed.parallel_state import resolve_tp
 from radixserve.layers.layernorm import RMSNorm
 from radixserve.layers.linear import ColumnParallelLinear, RowParallelLinear
 from radixserve.layers.moe import FusedMoE, RoutingConfig, select_experts
+from radixserve.layers.moe.ep.ep_moe import make_fused_moe
 from radixserve.layers.radix_attention import RadixAttention
 from radixserve.layers.replicated_linear import ReplicatedLinear
 from radixserve.layers.rotary_embedding import (RotaryEmbedding, get_rope, rope_params,
@@ -138,11 +139,13 @@ class DeepseekMoEGate(ReplicatedLinear):
 
 
 class DeepseekV2MoE(nn.Module):
-    def __init__(self, config: PretrainedConfig, v3: bool) -> None:
+    def __init__(self, config: PretrainedConfig, v3: bool, layer_id: int = 0) -> None:
         super().__init__()
         num_experts = config.n_routed_experts
         self.gate = DeepseekMoEGate(config, num_experts, with_bias=v3)
-        self.experts = FusedMoE(num_experts, config.hidden_size, config.moe_intermediate_size)
+        # FusedMoE, or its expert-parallel form when EP / EPLB / the recorder is on.
+        self.experts = make_fused_moe(num_experts, config.hidden_size,
+                                      config.moe_intermediate_size, layer_id)
         self.routing = routing_config(config, v3)
         shared = getattr(config, "n_shared_experts", None) or 0
         self.shared_experts = (LlamaMLP(config.hidden_size,
@@ -182,7 +185,7 @@ class DeepseekV2DecoderLayer(LlamaDecoderLayer):
     def __init__(self, config: PretrainedConfig, layer_id: int, rotary_emb: RotaryEmbedding,
                  v3: bool) -> None:
         self_attn = DeepseekV2Attention(config, layer_id, rotary_emb)
-        mlp = (DeepseekV2MoE(config, v3) if is_moe_layer(config, layer_id)
+        mlp = (DeepseekV2MoE(config, v3, layer_id) if is_moe_layer(config, layer_id)
                else LlamaMLP(config.hidden_size, config.intermediate_size))
         self._init_blocks(config, self_attn, mlp)
 

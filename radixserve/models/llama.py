@@ -147,8 +147,11 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                forward_batch: ForwardBatch) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
+                forward_batch: ForwardBatch, input_embeds: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """`input_embeds`: the token embeddings when the caller made them (vision-language
+        models put the vision tower's outputs at the placeholder rows)."""
+        hidden = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
         residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, forward_batch)

@@ -18,6 +18,7 @@ from transformers import PretrainedConfig
 from radixserve.configs.model_config import head_dim_of
 from radixserve.layers.layernorm import RMSNorm
 from radixserve.layers.moe import FusedMoE, RoutingConfig, select_experts
+from radixserve.layers.moe.ep.ep_moe import make_fused_moe
 from radixserve.layers.replicated_linear import ReplicatedLinear
 from radixserve.layers.rotary_embedding import RotaryEmbedding, get_rope, rope_params
 from radixserve.layers.vocab_embedding import VocabParallelEmbedding
@@ -27,11 +28,12 @@ from radixserve.models.weight_utils import ShardId, load_by_checkpoint_names
 
 
 class Qwen2MoeSparseMoeBlock(nn.Module):
-    def __init__(self, config: PretrainedConfig, shared_expert: bool) -> None:
+    def __init__(self, config: PretrainedConfig, shared_expert: bool, layer_id: int = 0) -> None:
         super().__init__()
         self.gate = ReplicatedLinear(config.hidden_size, config.num_experts)
-        self.experts = FusedMoE(config.num_experts, config.hidden_size,
-                                config.moe_intermediate_size)
+        # FusedMoE, or its expert-parallel form when EP / EPLB / the recorder is on.
+        self.experts = make_fused_moe(config.num_experts, config.hidden_size,
+                                      config.moe_intermediate_size, layer_id)
         self.routing = RoutingConfig(top_k=config.num_experts_per_tok,
                                      renormalize=bool(config.norm_topk_prob))
         self.has_shared_expert = shared_expert
@@ -60,7 +62,8 @@ class Qwen2MoeDecoderLayer(LlamaDecoderLayer):
     def __init__(self, config: PretrainedConfig, layer_id: int, rotary_emb: RotaryEmbedding,
                  qkv_bias: bool, qk_norm: bool, shared_expert: bool) -> None:
         self_attn = LlamaAttention(config, layer_id, rotary_emb, qkv_bias, qk_norm)
-        mlp = (Qwen2MoeSparseMoeBlock(config, shared_expert) if is_sparse_layer(config, layer_id)
+        mlp = (Qwen2MoeSparseMoeBlock(config, shared_expert, layer_id)
+               if is_sparse_layer(config, layer_id)
                else LlamaMLP(config.hidden_size, config.intermediate_size))
         self._init_blocks(config, self_attn, mlp)
 

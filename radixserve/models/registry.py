@@ -16,6 +16,7 @@ _MODELS = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v2",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
 }
 
 

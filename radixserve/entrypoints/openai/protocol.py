@@ -146,6 +146,15 @@ class TextPart(RequestModel):
     text: str
 
 
+class MediaPart(BaseModel):
+    """Any other content part: image_url and video_url are read by vision-language
+    models (managers/multimodal_requests.chat_media, which refuses other types with a
+    400 naming the part)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
 class FunctionCall(RequestModel):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
@@ -171,19 +180,27 @@ class ToolCallIn(RequestModel):
 
 class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | MediaPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None  # assistant messages
     tool_call_id: str | None = None  # tool messages: the call this answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            return "".join(part.text for part in self.content if isinstance(part, TextPart))
         return self.content or ""
+
+    @property
+    def has_media(self) -> bool:
+        return isinstance(self.content, list) and any(
+            not isinstance(part, TextPart) for part in self.content)
 
     def template_dict(self) -> dict[str, Any]:
         """The message as chat templates read it."""
-        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        content: Any = self.text()
+        if self.has_media:  # parts, for chat_media to turn into the template's form
+            content = [part.model_dump() for part in self.content]
+        message: dict[str, Any] = {"role": self.role, "content": content}
         if self.name:
             message["name"] = self.name
         if self.tool_calls:

@@ -33,6 +33,7 @@ from radixserve.entrypoints.openai.serving_completions import (
     rename_param,
     sse_events,
 )
+from radixserve.managers.multimodal_requests import chat_media
 from radixserve.managers.request_validation import InvalidRequestError, check_prompt_bytes
 from radixserve.managers.tokenizer_manager import GenerateReqInput, TokenizerManager
 from radixserve.parsers import get_reasoning_parser
@@ -46,11 +47,16 @@ PARAM_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
 
 
 def apply_chat_template(tm: TokenizerManager, req: ChatCompletionRequest,
-                        tools: list[dict[str, Any]] | None = None) -> list[int]:
+                        tools: list[dict[str, Any]] | None = None
+                        ) -> tuple[list[int], list[Any]]:
+    """The prompt's ids, and the images / videos its content parts carry (in order)."""
     if tm.tokenizer is None or not getattr(tm.tokenizer, "chat_template", None):
         raise InvalidRequestError("this model has no chat template; use /v1/completions or "
                                   "start the server with --chat-template", "messages")
-    return template_ids(tm, [m.template_dict() for m in req.messages], tools)
+    messages, media = chat_media([m.template_dict() for m in req.messages])
+    if media:
+        tm.media_preparer().check_takes(media)
+    return template_ids(tm, messages, tools), media
 
 
 def render_template(tokenizer: Any, messages: list[dict[str, Any]],
@@ -93,8 +99,9 @@ def output_parsers(tm: TokenizerManager, req: ChatCompletionRequest,
 async def create_chat_completion(tm: TokenizerManager, req: ChatCompletionRequest,
                                  request: Request) -> Response:
     plan = plan_tools(req, tm.server_args.tool_call_parser)
+    ids, media = await tm.off_loop(apply_chat_template, tm, req, plan.template_tools)
     obj = GenerateReqInput(
-        input_ids=await tm.off_loop(apply_chat_template, tm, req, plan.template_tools),
+        input_ids=ids, media=[media] if media else None,
         sampling_params=sampling_params(req, plan), stream=req.stream,
         return_logprob=req.logprobs, top_logprobs_num=req.top_logprobs or 0,
         return_text_in_logprobs=True)

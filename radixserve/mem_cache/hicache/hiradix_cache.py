@@ -287,7 +287,8 @@ class HiRadixCache(RadixCache):
             return
         ps = self.page_size
         n = len(req.prefix_indices)
-        ids = req.fill_ids[:-1]  # the last token is always computed (its logits)
+        # The last token is always computed (its logits); placeholders key by their item.
+        ids = req.key_ids(req.fill_ids[:-1])
         aligned = len(ids) - len(ids) % ps
         # A prefix trimmed for prompt logprobs must not grow again.
         if aligned <= n or n != self._depth(node):
