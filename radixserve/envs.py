@@ -1,7 +1,8 @@
 """Every environment switch radixserve reads, in one typed object.
 
 The switches are for A/B timing of the GPU fast paths, not for serving: each turns one
-fusion or launch feature off so that a benchmark run can measure what it is worth.
+fusion or launch feature off so that a benchmark run can measure what it is worth. The
+one setting (RADIXSERVE_CACHE_DIR) says where derived files are kept.
 Flags (ServerArgs) are the interface for everything a deployment chooses.
 
     from radixserve.envs import envs
@@ -45,8 +46,30 @@ class EnvBool:
         return raw == "1"
 
 
+@dataclass(frozen=True)
+class EnvStr:
+    """A string setting: the variable's value, or `default` when unset or empty."""
+
+    name: str
+    default: str
+    doc: str
+
+    def __set_name__(self, owner: type, attr: str) -> None:
+        if attr != self.name:
+            raise TypeError(f"{owner.__name__}.{attr} holds the setting {self.name}")
+
+    def get(self) -> str:
+        return os.environ.get(self.name) or self.default
+
+
 class Envs:
     """The switches, one attribute each, named as the environment variable."""
+
+    RADIXSERVE_CACHE_DIR = EnvStr(
+        "RADIXSERVE_CACHE_DIR", "~/.cache/radixserve",
+        "Where radixserve keeps what it derives from a model file between starts (a GGUF "
+        "file's HF config and converted tokenizer: configs/gguf_config.py); `off` keeps "
+        "nothing. Read on each use.")
 
     RADIXSERVE_DISABLE_ROPE_KV_WRITE = EnvBool(
         "RADIXSERVE_DISABLE_ROPE_KV_WRITE", False,
@@ -64,8 +87,8 @@ class Envs:
         "which they use on Hopper and later by default (layers/triton_kernels/pdl.py). "
         "Read on the first launch on each GPU.")
 
-    def all(self) -> list[EnvBool]:
-        return [v for v in vars(type(self)).values() if isinstance(v, EnvBool)]
+    def all(self) -> list[EnvBool | EnvStr]:
+        return [v for v in vars(type(self)).values() if isinstance(v, (EnvBool, EnvStr))]
 
 
 envs = Envs()

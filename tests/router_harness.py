@@ -39,6 +39,7 @@ class Router:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def client(self, **kwargs: Any) -> httpx2.Client:
+        kwargs.setdefault("verify", False)  # plain http: no CA bundle to load per client
         return httpx2.Client(base_url=self.url, headers=self.headers, timeout=120, **kwargs)
 
     def workers(self) -> list[dict[str, Any]]:

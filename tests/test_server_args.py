@@ -151,7 +151,14 @@ def test_switch_reads_environment_at_call_time(name: str,
 
 
 def test_envs_lists_every_switch() -> None:
-    assert sorted(s.name for s in envs.all()) == sorted(SWITCHES)
+    assert sorted(s.name for s in envs.all()) == sorted(SWITCHES + ["RADIXSERVE_CACHE_DIR"])
+
+
+def test_cache_dir_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RADIXSERVE_CACHE_DIR", raising=False)
+    assert envs.RADIXSERVE_CACHE_DIR.get() == "~/.cache/radixserve"
+    monkeypatch.setenv("RADIXSERVE_CACHE_DIR", "/x/y")
+    assert envs.RADIXSERVE_CACHE_DIR.get() == "/x/y"
 
 
 def test_switch_named_as_its_attribute() -> None:

@@ -8,11 +8,21 @@ and shares the parsed file through `open_gguf`.
 from __future__ import annotations
 
 import functools
+import hashlib
+import logging
 import os
-from typing import Any
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
 
 from gguf import GGUFReader, GGUFValueType
 from transformers import AutoConfig, PretrainedConfig
+from transformers import __version__ as transformers_version
+
+from radixserve.envs import envs
+
+logger = logging.getLogger(__name__)
 
 # GGUF `general.architecture` -> (HF model_type, HF architecture name).
 _ARCHS = {
@@ -62,8 +72,67 @@ def gguf_field(reader: GGUFReader, key: str, default: Any = None) -> Any:
     return value
 
 
+def derived_cache_dir(path: str, kind: str) -> Path | None:
+    """Where what is derived from a GGUF file (its HF config, its converted tokenizer) is
+    kept between starts: parsing the metadata and converting the vocabulary cost seconds
+    of CPU in every process that needs them. Keyed by the file's identity and the
+    transformers version that did the conversion; under RADIXSERVE_CACHE_DIR (envs.py),
+    None when that is `off`."""
+    root = envs.RADIXSERVE_CACHE_DIR.get()
+    if root == "off":
+        return None
+    st = os.stat(path)
+    ident = f"{os.path.realpath(path)}|{st.st_mtime_ns}|{st.st_size}|{transformers_version}"
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:24]
+    return Path(os.path.expanduser(root)) / "gguf" / digest / kind
+
+
+def cached_derivation(path: str, kind: str, load: Callable[[Path], Any],
+                      make: Callable[[], Any], save: Callable[[Any, Path], None]) -> Any:
+    """`load(dir)` of the cached copy when there is one, else `make()`, saved with
+    `save(obj, dir)` into a fresh directory renamed into place (so a reader never sees
+    half of it, and two processes converting at once both succeed). A cache that cannot
+    be written only costs the next start the conversion again."""
+    target = derived_cache_dir(path, kind)
+    if target is not None and target.is_dir():
+        try:
+            return load(target)
+        except Exception as e:  # a damaged copy: convert again and replace it
+            logger.warning("cached %s of %s unreadable (%s); converting again", kind, path, e)
+            shutil.rmtree(target, ignore_errors=True)
+    obj = make()
+    if target is None:
+        return obj
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{kind}-"))
+        save(obj, tmp)
+        os.rename(tmp, target)
+    # Anything going wrong here (a read-only cache, another process renaming its copy
+    # first, a save that raises) must not fail the start: the object is already made.
+    except Exception as e:
+        logger.debug("%s of %s not cached: %s", kind, path, e)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return obj
+
+
 def load_gguf_config(path: str) -> PretrainedConfig:
-    """An HF config equivalent to the GGUF's `<arch>.*` metadata."""
+    """An HF config equivalent to the GGUF's `<arch>.*` metadata (cached, see
+    derived_cache_dir)."""
+    return cached_derivation(
+        path, "config", load=_read_cached_config, make=lambda: _config_from_metadata(path),
+        save=lambda cfg, d: cfg.save_pretrained(str(d)))
+
+
+def _read_cached_config(folder: Path) -> PretrainedConfig:
+    config = AutoConfig.from_pretrained(str(folder))
+    config.name_or_path = ""  # as converted: the cache folder is no name for the model
+    return config
+
+
+def _config_from_metadata(path: str) -> PretrainedConfig:
     reader = open_gguf(path)
     arch = gguf_field(reader, "general.architecture")
     if arch not in _ARCHS:

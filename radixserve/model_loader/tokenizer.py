@@ -11,7 +11,7 @@ import os
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from radixserve.configs.gguf_config import resolve_gguf_file
+from radixserve.configs.gguf_config import cached_derivation, resolve_gguf_file
 from radixserve.configs.load_config import LoadConfig
 
 
@@ -19,8 +19,13 @@ def get_tokenizer(load: LoadConfig) -> PreTrainedTokenizerBase:
     path = str(load.tokenizer_path or load.model_path)
     if path.endswith(".gguf") or (load.is_gguf and load.tokenizer_path is None):
         gguf_file = resolve_gguf_file(path)
-        tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(gguf_file),
-                                                  gguf_file=os.path.basename(gguf_file))
+        # Converting the GGUF vocabulary to a fast tokenizer is slow; the converted one
+        # is kept as an HF tokenizer folder (configs/gguf_config.py derived_cache_dir).
+        tokenizer = cached_derivation(
+            gguf_file, "tokenizer", load=lambda d: AutoTokenizer.from_pretrained(str(d)),
+            make=lambda: AutoTokenizer.from_pretrained(os.path.dirname(gguf_file),
+                                                       gguf_file=os.path.basename(gguf_file)),
+            save=lambda tok, d: tok.save_pretrained(str(d)))
     else:
         tokenizer = AutoTokenizer.from_pretrained(
             path, trust_remote_code=load.trust_remote_code)
