@@ -51,7 +51,7 @@ SamplingArg = dict[str, Any] | SamplingParams | None
 _UNSUPPORTED_NONE = ("audio_data", "token_ids_logprob",
                      "lora_path", "custom_logit_processor", "bootstrap_host",
                      "bootstrap_port", "bootstrap_room", "routed_dp_rank",
-                     "disagg_prefill_dp_rank", "data_parallel_rank", "external_trace_header",
+                     "disagg_prefill_dp_rank", "external_trace_header",
                      "session_params", "priority")
 _UNSUPPORTED_FALSE = ("return_hidden_states", "return_routed_experts")
 # What Engine.chat passes on to the request when its messages carry images or videos.
@@ -128,7 +128,7 @@ class Engine:
                  return_logprob: bool = False, logprob_start_len: int | None = None,
                  top_logprobs_num: int | None = None, stream: bool = False,
                  rid: str | None = None, image_data: Any = None, video_data: Any = None,
-                 **sglang_kwargs: Any,
+                 data_parallel_rank: int | None = None, **sglang_kwargs: Any,
                  ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict]:
         """SGLang-shaped results: {"text", "output_ids", "meta_info"} per prompt (and per
         sample when n > 1). A single prompt gives a dict, a list gives a list. With
@@ -142,7 +142,7 @@ class Engine:
         _check_unsupported("generate", sglang_kwargs)
         reqs, single = self._prepare(prompt, input_ids, sampling_params, return_logprob,
                                      logprob_start_len, top_logprobs_num, stream, rid,
-                                     image_data, video_data)
+                                     image_data, video_data, data_parallel_rank)
         if stream:
             return self._stream(reqs)
         results = self._run_to_completion(reqs)
@@ -155,7 +155,7 @@ class Engine:
             return_logprob: bool = False, logprob_start_len: int | None = None,
             top_logprobs_num: int | None = None, stream: bool = False,
             rid: str | None = None, image_data: Any = None, video_data: Any = None,
-            **sglang_kwargs: Any,
+            data_parallel_rank: int | None = None, **sglang_kwargs: Any,
     ) -> dict[str, Any] | list[dict[str, Any]] | AsyncIterator[dict[str, Any]]:
         """generate, awaitable (SGLang's signature): the same results; with stream=True
         it returns (after the await, as SGLang does) an async iterator of the same
@@ -165,7 +165,7 @@ class Engine:
         _check_unsupported("async_generate", sglang_kwargs)
         reqs, single = self._prepare(prompt, input_ids, sampling_params, return_logprob,
                                      logprob_start_len, top_logprobs_num, stream, rid,
-                                     image_data, video_data)
+                                     image_data, video_data, data_parallel_rank)
         if stream:
             return self._astream(reqs)
         acc = {r.rid: _Accumulator(r.rid) for r in reqs}
@@ -273,9 +273,26 @@ class Engine:
     def _prepare(self, prompt: Any, input_ids: Any, sampling_params: Any,
                  return_logprob: bool, logprob_start_len: int | None,
                  top_logprobs_num: int | None, stream: bool,
-                 rid: str | None, image_data: Any = None, video_data: Any = None
+                 rid: str | None, image_data: Any = None, video_data: Any = None,
+                 data_parallel_rank: int | None = None
                  ) -> tuple[list[TokenizedGenerateReqInput], bool]:
-        """The server's checks and n expansion (request_validation.py), on our limits."""
+        """The server's checks and n expansion (request_validation.py), on our limits;
+        `data_parallel_rank` pins every request to that DP replica."""
+        rank = self.validator.check_data_parallel_rank(data_parallel_rank,
+                                                       self.server_args.dp_size)
+        reqs, single = self._prepare_unpinned(prompt, input_ids, sampling_params,
+                                              return_logprob, logprob_start_len,
+                                              top_logprobs_num, stream, rid, image_data,
+                                              video_data)
+        for req in reqs:
+            req.data_parallel_rank = rank
+        return reqs, single
+
+    def _prepare_unpinned(self, prompt: Any, input_ids: Any, sampling_params: Any,
+                          return_logprob: bool, logprob_start_len: int | None,
+                          top_logprobs_num: int | None, stream: bool, rid: str | None,
+                          image_data: Any, video_data: Any
+                          ) -> tuple[list[TokenizedGenerateReqInput], bool]:
         if image_data is not None or video_data is not None:
             return prepare_with_media(
                 self.validator, self._media(), prompt, input_ids, self.tokenizer, None,

@@ -61,12 +61,14 @@ class Router:
 
 
 def start_router(worker_urls: list[str], policy: str, *extra: str,
-                 api_key: str | None = None) -> Router:
-    """A router over `worker_urls` with `--policy policy`, ready to route."""
+                 api_key: str | None = None, expect_workers: int | None = None) -> Router:
+    """A router over `worker_urls` with `--policy policy`, ready to route once
+    `expect_workers` (default: one per URL; --dp-aware lists one per DP rank) are
+    healthy in its /workers list."""
     for attempt in range(_BIND_ATTEMPTS):
         router = _launch(worker_urls, policy, extra, api_key)
         try:
-            _wait_ready(router, len(worker_urls))
+            _wait_ready(router, expect_workers or len(worker_urls))
             return router
         except _BindLost:
             router.stop()

@@ -160,7 +160,11 @@ def test_tokenization_bad_input(server: LiveServer, path: str, body: Any, param:
 
 def test_info_and_control_routes(server: LiveServer) -> None:
     with server.client() as c:
-        assert c.get("/model_info").json() == c.get("/get_model_info").json()
+        model_info = c.get("/get_model_info").json()
+        assert c.get("/model_info").json() == model_info
+        # The default model is a GGUF of SmolLM2: Llama's architecture (the router reads these).
+        assert (model_info["model_type"], model_info["architectures"]) == \
+            ("llama", ["LlamaForCausalLM"])
         info = c.get("/server_info").json()
         assert info["max_total_num_tokens"] > 0 and "api_key" not in info
         name = c.get("/v1/models").json()["data"][0]["id"]

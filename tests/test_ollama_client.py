@@ -74,6 +74,7 @@ def test_tags_show_version(server: LiveServer, client: Any) -> None:
     assert len(models) == 1 and models[0].model
     show = client.show(models[0].model)
     assert show.modelinfo["context_length"] > 0 and "im_start" in show.template
+    assert show.modelinfo["general.architecture"] == "LlamaForCausalLM"
     with server.client() as c:
         assert c.get("/api/version").json()["version"]
         bad = c.post("/api/generate", json={"model": "m", "prompt": "x", "format": "yaml"})

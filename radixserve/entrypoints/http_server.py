@@ -281,7 +281,9 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs,
                 "tokenizer_path": server_args.tokenizer_path or server_args.model_path,
                 "served_model_name": tm.served_model_name, "is_generation": True,
                 "context_length": tm.limits.context_len,
-                "vocab_size": tm.limits.vocab_size}
+                "vocab_size": tm.limits.vocab_size,
+                "model_type": tm.model_info.get("model_type"),
+                "architectures": tm.model_info.get("architectures") or None}
 
     @app.get("/get_server_info")
     @app.get("/server_info")  # SGLang's newer name, which its frontend calls

@@ -39,7 +39,7 @@ _UNSUPPORTED: dict[str, Any] = {
     "input_embeds": None, "audio_data": None,
     "lora_path": None, "lora_id": None, "custom_logit_processor": None,
     "token_ids_logprob": None, "session_params": None, "bootstrap_host": None,
-    "bootstrap_port": None, "bootstrap_room": None, "data_parallel_rank": None,
+    "bootstrap_port": None, "bootstrap_room": None,
     "return_hidden_states": False, "return_routed_experts": False,
 }
 
@@ -58,6 +58,10 @@ class GenerateRequest(RequestModel):
     # Vision-language models (docs/multimodal.md): a payload or a list per prompt.
     image_data: Any = None
     video_data: Any = None
+    # The DP replica to run on: sglang-router --dp-aware sets data_parallel_rank; newer
+    # SGLang clients call it routed_dp_rank.
+    data_parallel_rank: Any = None
+    routed_dp_rank: Any = None
 
 
 def check_unsupported(body: Any) -> None:
@@ -72,7 +76,9 @@ def check_unsupported(body: Any) -> None:
 async def generate(tm: TokenizerManager, body: Any, request: Request) -> Response:
     check_unsupported(body)
     req: GenerateRequest = parse_request(GenerateRequest, body)
-    obj = GenerateReqInput(**req.model_dump(exclude={"log_metrics"}))
+    obj = GenerateReqInput(**req.model_dump(exclude={"log_metrics", "routed_dp_rank"}))
+    if obj.data_parallel_rank is None:
+        obj.data_parallel_rank = req.routed_dp_rank
     obj.sampling_params = obj.sampling_params or {}
     outputs = await tm.generate(obj, None if req.stream else request)
     batched = isinstance(req.text, list) or (

@@ -87,6 +87,12 @@ class LoadBalancer:
         self.tokens[chosen] += len(input_ids) + max_new_tokens
         return chosen
 
+    def assign(self, replica: int, tokens: int) -> int:
+        """Count a request whose replica was chosen by the client."""
+        self.load[replica] += 1
+        self.tokens[replica] += tokens
+        return replica
+
     def finished(self, replica: int, tokens: int = 0) -> None:
         """A request picked with `tokens` = len(input_ids) + max_new_tokens is done."""
         self.load[replica] -= 1
@@ -165,7 +171,11 @@ class DataParallelController(SchedulerInterface):
                 self._to_replica[0].send_pyobj(recv)
             return
         max_new = recv.sampling_params.max_new_tokens or 0
-        replica = self.balancer.pick(recv.input_ids, max_new)
+        if recv.data_parallel_rank is not None:  # the client chose (checked < dp_size)
+            replica = self.balancer.assign(recv.data_parallel_rank,
+                                           len(recv.input_ids) + max_new)
+        else:
+            replica = self.balancer.pick(recv.input_ids, max_new)
         self._owner[recv.rid] = (replica, len(recv.input_ids) + max_new)
         self._to_replica[replica].send_pyobj(recv)
 
@@ -200,7 +210,9 @@ class DataParallelController(SchedulerInterface):
         return merge_records(self._ask_all(ExpertDistributionReq(req.action, False)))
 
     def get_server_info(self) -> ServerInfo:
-        infos = self._ask_all(GetServerInfoReq())
+        """The replicas' counters summed; `extra["dp_replicas"]` lists each by rank."""
+        infos = sorted(self._ask_all(GetServerInfoReq()),
+                       key=lambda i: i.extra.get("dp_rank", 0))
         summed = {f.name: sum(getattr(i, f.name) for i in infos)
                   for f in dataclasses.fields(ServerInfo) if f.name != "extra"}
         return ServerInfo(**summed, extra={"dp_replicas": [dataclasses.asdict(i) for i in infos],

@@ -29,6 +29,8 @@ class TokenizedGenerateReqInput:
     # Images / videos: multimodal/inputs.py MultimodalInputs (input_ids already hold
     # each item's placeholder tokens); None for a text request.
     mm_inputs: Any = None
+    # The DP replica the client (sglang-router --dp-aware) chose; None: ours chooses.
+    data_parallel_rank: int | None = None
 
 
 @dataclass

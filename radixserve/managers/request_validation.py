@@ -238,6 +238,11 @@ class RequestValidator:
                 raise InvalidRequestError(f"{name} must be true or false", name)
         self.check_top_logprobs_num(req.top_logprobs_num)
         self.check_logprob_start_len(req.logprob_start_len)
+        if req.data_parallel_rank is not None and (
+                not isinstance(req.data_parallel_rank, int)
+                or isinstance(req.data_parallel_rank, bool) or req.data_parallel_rank < 0):
+            raise InvalidRequestError("data_parallel_rank must be a non-negative integer",
+                                      "data_parallel_rank")
         self._check_sent_params(req.sampling_params)
         self.check_prompt_ids(req.input_ids)
         if req.mm_inputs is not None:
@@ -299,6 +304,17 @@ class RequestValidator:
             raise InvalidRequestError(
                 f"the prompt has {len(ids)} tokens but the KV cache holds only "
                 f"{lim.max_total_num_tokens}; raise --max-total-tokens", "prompt")
+
+    @staticmethod
+    def check_data_parallel_rank(value: Any, dp_size: int) -> int | None:
+        """None, or the replica in [0, dp_size) a request must run on."""
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < dp_size:
+            raise InvalidRequestError(
+                f"data_parallel_rank must be an integer in [0, {dp_size - 1}] (--dp-size "
+                f"{dp_size}), got {value!r}", "data_parallel_rank")
+        return value
 
     def check_top_logprobs_num(self, value: Any) -> int:
         if value is None:

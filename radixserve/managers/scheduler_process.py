@@ -42,8 +42,12 @@ _IDLE_POLL_MS = 50
 def model_info(scheduler: SchedulerInterface) -> dict[str, Any]:
     """What the TokenizerManager needs to validate requests without the model: the
     scheduler's ModelLimits (context_len, vocab_size, max_total_num_tokens -- the
-    smallest replica's under DP --, eos_token_ids, generation_defaults) as a dict."""
+    smallest replica's under DP --, eos_token_ids, generation_defaults) as a dict, with
+    the checkpoint's model_type and architectures (for /get_model_info)."""
+    hf_config = scheduler.model_config.hf_config
     return {"model_path": scheduler.model_config.model_path,
+            "model_type": getattr(hf_config, "model_type", None),
+            "architectures": list(getattr(hf_config, "architectures", None) or []),
             **scheduler.model_limits().to_model_info()}
 
 
@@ -51,8 +55,9 @@ class SchedulerLoop:
     """Owns the sockets; `run_forever` alternates receiving requests and stepping."""
 
     def __init__(self, scheduler: SchedulerInterface, port_args: PortArgs,
-                 watchdog_timeout: float | None = None) -> None:
+                 watchdog_timeout: float | None = None, dp_rank: int | None = None) -> None:
         self.scheduler = scheduler
+        self.dp_rank = dp_rank  # a DP replica's: stamped on its server info
         self.watchdog = StepWatchdog(watchdog_timeout)
         # To read a message's stop strings only once they are known to be sound.
         self.validator = RequestValidator(scheduler.model_limits())
@@ -104,7 +109,10 @@ class SchedulerLoop:
         elif isinstance(msg, FlushCacheReq):
             self.to_tokenizer.send_pyobj(FlushCacheReqOutput(self.scheduler.flush_cache()))
         elif isinstance(msg, GetServerInfoReq):
-            self.to_tokenizer.send_pyobj(self.scheduler.get_server_info())
+            info = self.scheduler.get_server_info()
+            if self.dp_rank is not None:  # replies reach the DP controller in any order
+                info.extra["dp_rank"] = self.dp_rank
+            self.to_tokenizer.send_pyobj(info)
         elif isinstance(msg, ExpertDistributionReq):
             self.to_tokenizer.send_pyobj(self.scheduler.expert_distribution(msg))
         else:
@@ -141,18 +149,20 @@ def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs,
         return Scheduler(server_args)
 
     serve_scheduler_loop(make_scheduler, port_args, ready_pipe, "scheduler",
-                         server_args.watchdog_timeout)
+                         server_args.watchdog_timeout,
+                         dp_rank if server_args.dp_size > 1 else None)
 
 
 def serve_scheduler_loop(make_scheduler: Callable[[], SchedulerInterface], port_args: PortArgs,
                          ready_pipe: Connection, what: str,
-                         watchdog_timeout: float | None = None) -> None:
+                         watchdog_timeout: float | None = None,
+                         dp_rank: int | None = None) -> None:
     """Build the scheduler (or anything with its interface), report readiness and model
     info through the pipe, then loop forever; a failure at either stage is logged and
     ends the process non-zero, which the API server watches for."""
     try:
         scheduler = make_scheduler()
-        loop = SchedulerLoop(scheduler, port_args, watchdog_timeout)
+        loop = SchedulerLoop(scheduler, port_args, watchdog_timeout, dp_rank)
         ready_pipe.send({"status": "ready", **model_info(scheduler)})
     except Exception as exc:
         logger.exception("%s failed to start", what)

@@ -73,6 +73,7 @@ class GenerateReqInput:
     image_data: Any = None
     video_data: Any = None
     media: list[Any] | None = None
+    data_parallel_rank: Any = None  # SGLang's field: the DP replica to run on
 
 
 @dataclass
@@ -271,12 +272,17 @@ class TokenizerManager:
 
     def _tokenize_and_validate(self, obj: GenerateReqInput) -> list[TokenizedGenerateReqInput]:
         """The shared rules (request_validation.py), the same as the offline Engine's."""
+        rank = self.validator.check_data_parallel_rank(obj.data_parallel_rank,
+                                                       self.server_args.dp_size)
         if obj.media is not None or obj.image_data is not None or obj.video_data is not None:
-            return self._prepare_with_media(obj)
-        reqs, _single = self.validator.prepare(
-            obj.text, obj.input_ids, self.tokenizer, obj.sampling_params,
-            return_logprob=obj.return_logprob, logprob_start_len=obj.logprob_start_len,
-            top_logprobs_num=obj.top_logprobs_num, stream=obj.stream, rid=obj.rid)
+            reqs = self._prepare_with_media(obj)
+        else:
+            reqs, _single = self.validator.prepare(
+                obj.text, obj.input_ids, self.tokenizer, obj.sampling_params,
+                return_logprob=obj.return_logprob, logprob_start_len=obj.logprob_start_len,
+                top_logprobs_num=obj.top_logprobs_num, stream=obj.stream, rid=obj.rid)
+        for req in reqs:
+            req.data_parallel_rank = rank
         return reqs
 
     def media_preparer(self) -> Any:

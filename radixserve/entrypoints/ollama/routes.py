@@ -164,7 +164,8 @@ def _details(tm: TokenizerManager) -> dict[str, Any]:
 
 
 def _family(tm: TokenizerManager) -> str:
-    return str(tm.model_info.get("architecture") or "unknown")
+    archs = tm.model_info.get("architectures") or ["unknown"]
+    return str(archs[0])
 
 
 def _now() -> str:

@@ -94,6 +94,7 @@ class _SamplingRequest(RequestModel):
     regex: str | None = None
     ebnf: str | None = None
     logit_bias: dict[str, Any] | None = None
+    data_parallel_rank: Any = None  # SGLang's: the DP replica (sglang-router --dp-aware)
 
     def sampling_params(self, max_new_tokens: int | None) -> dict[str, Any]:
         """None for max_new_tokens means: whatever the context has left."""

@@ -85,7 +85,7 @@ async def create_completion(tm: TokenizerManager, req: CompletionRequest,
         text=texts, input_ids=ids, sampling_params=req.sampling_params(req.max_tokens),
         stream=req.stream, return_logprob=want_logprobs, top_logprobs_num=req.logprobs or 0,
         logprob_start_len=0 if req.echo and want_logprobs else -1,
-        return_text_in_logprobs=True)
+        return_text_in_logprobs=True, data_parallel_rank=req.data_parallel_rank)
     try:
         outputs = await tm.generate(obj, None if req.stream else request)
     except InvalidRequestError as exc:
