@@ -2,7 +2,8 @@
 every request) pins a request to one DP replica: on /generate, OpenAI chat and
 completions and Engine.generate; out-of-range values are a 400 naming the field; and the
 real router in --dp-aware mode spreads requests over the replicas of one worker with the
-same greedy outputs as the worker gives directly."""
+same greedy outputs as the worker gives directly. Each replica publishes its own metric
+series (the `dp_rank` label)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ GREEDY = {"max_new_tokens": 8, "temperature": 0}
 
 @pytest.fixture(scope="module")
 def worker() -> Iterator[Worker]:
-    w = start_worker("--api-key", API_KEY, "--dp-size", "2", log_name="dp-rank")
+    w = start_worker("--api-key", API_KEY, "--dp-size", "2", "--enable-metrics",
+                     log_name="dp-rank")
     yield w
     w.stop()
 
@@ -60,6 +62,19 @@ def test_openai_endpoints_take_the_rank(worker: Worker) -> None:
                                    "data_parallel_rank": 1, **body})
             assert r.status_code == 200, r.text
             assert [a - b for a, b in zip(_requests_per_replica(worker), before)] == [0, 1]
+
+
+def test_each_replica_has_its_own_metric_series(worker: Worker) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with worker.live.client() as c:
+        text = c.get("/metrics").raise_for_status().text
+    ranks = {s.labels.get("dp_rank"): s.value
+             for family in text_string_to_metric_families(text)
+             if family.name == "radixserve:max_total_num_tokens" for s in family.samples}
+    assert set(ranks) == {"0", "1"}
+    info = worker.live.server_info()["extra"]["dp_replicas"]
+    assert [ranks["0"], ranks["1"]] == [r["max_total_num_tokens"] for r in info]
 
 
 @pytest.mark.parametrize("bad", [2, -1, "1", True, 1.0, [0]])

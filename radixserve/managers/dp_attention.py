@@ -85,4 +85,4 @@ def join_dp_attention(server_args: ServerArgs, rank: int, dist_addr: str
     """A DP-attention rank's scheduler process: join the world, load the model (whole
     but for its experts), and wrap its scheduler so that it steps with its peers."""
     group = init_dp_attention_group(server_args.parallel_config(), rank, dist_addr)
-    return DpAttentionScheduler(Scheduler(server_args), group)
+    return DpAttentionScheduler(Scheduler(server_args, dp_rank=rank), group)

@@ -55,7 +55,7 @@ Launched = tuple[ScheduleBatch, PendingBatch]
 
 class Scheduler(SchedulerInterface):
     def __init__(self, server_args: ServerArgs, model_config: ModelConfig | None = None,
-                 tokenizer: Any = None) -> None:
+                 tokenizer: Any = None, dp_rank: int = 0) -> None:
         self.config = config = SchedulerConfig.from_server_args(server_args)
         load = server_args.load_config()
         self.model_config = model_config or ModelConfig.from_load_config(load)
@@ -98,7 +98,7 @@ class Scheduler(SchedulerInterface):
         self.overlap = config.overlap_on(mr.device.type)
         self._in_flight: Launched | None = None
         self.output.hooks.append(FinishedRequestCounter(self.stats))
-        attach_observers(self, server_args)  # batch log lines, metrics
+        attach_observers(self, server_args, dp_rank)  # batch log lines, metrics
 
     @property
     def chunked_req(self) -> Req | None:

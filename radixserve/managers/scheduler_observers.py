@@ -42,14 +42,18 @@ class SchedulerStateView:
         return self._s.prefill.ratio.value
 
 
-def attach_observers(scheduler: Any, server_args: ServerArgs) -> None:
-    """Register the observers on TP rank 0 (the other ranks run the same batches)."""
+def attach_observers(scheduler: Any, server_args: ServerArgs, dp_rank: int = 0) -> None:
+    """Register the observers on TP rank 0 (the other ranks run the same batches). Under
+    DP each replica's series carry its `dp_rank` label, as SGLang's do (without it the
+    replicas' gauges would overwrite one another)."""
     if get_tp_group().rank != 0:
         return
     collector = None
     if server_args.enable_metrics:
         labels = {"model_name": str(server_args.served_model_name or server_args.model_path),
                   "engine_type": "unified", "tp_rank": "0", "pp_rank": "0"}
+        if server_args.dp_size > 1:
+            labels["dp_rank"] = str(dp_rank)
         collector = SchedulerMetricsCollector(server_args.metrics_prefix, labels)
     scheduler.output.hooks.append(SchedulerObserver(
         SchedulerStateView(scheduler), server_args.decode_log_interval, collector))

@@ -142,11 +142,11 @@ def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs,
             from radixserve.managers.tp_sync import TpScheduler
 
             group = init_tp_group(server_args.parallel_config(), 0, str(dist_addr), dp_rank)
-            return TpScheduler(Scheduler(server_args), group)
+            return TpScheduler(Scheduler(server_args, dp_rank=dp_rank), group)
         from radixserve.distributed.parallel_state import bind_device
 
         bind_device(server_args.parallel_config(), 0, dp_rank)  # DP replica d takes GPU d
-        return Scheduler(server_args)
+        return Scheduler(server_args, dp_rank=dp_rank)
 
     serve_scheduler_loop(make_scheduler, port_args, ready_pipe, "scheduler",
                          server_args.watchdog_timeout,
