@@ -4,6 +4,7 @@ small-batch expert kernels vs the grouped GEMM, one MoE layer.
     python tests/gpu/bench_moe_decode.py                        # Qwen3-30B-A3B, V2-Lite
     python tests/gpu/bench_moe_decode.py --model qwen3-30b-a3b --tp 1 2 4 8
     python tests/gpu/bench_moe_decode.py --eager                # without CUDA graphs
+    python tests/gpu/bench_moe_decode.py --sweep-small          # + the best small-path tiles
     python tests/gpu/bench_moe_decode.py --device cpu --model tiny --tokens 1 3
                                             # the interpreter: checks the script only
 
@@ -19,6 +20,10 @@ of triton.testing.do_bench (L2 flushed before each call) of a CUDA graph replay 
 call, as decode runs it; --eager times the plain call. On CPU (--device cpu) the
 kernels run in Triton's interpreter and times are one wall-clock call, meaningless
 except as a check that every path runs.
+
+--sweep-small also times the small-batch kernels with every pair of gate/up and down
+tile heights (the step widths follow from them as in default_small_config), 4 and 8
+warps, and prints the fastest at each T next to the default's time.
 """
 
 from __future__ import annotations
@@ -74,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "the interpreter's bf16 tl.dot is wrong)")
     parser.add_argument("--eager", action="store_true", help="time without CUDA graphs")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--sweep-small", action="store_true",
+                        help="also sweep the small-batch kernels' tile sizes")
     args = parser.parse_args(argv)
     if any(t < 1 for t in args.tokens + (args.routing_tokens or [])):
         parser.error("token counts must be >= 1")
@@ -171,9 +178,47 @@ def bench_routing(name: str, shape: MoEShape, token_counts: list[int], device: t
         print(f"{tokens} | {fused:.4f} | {ref:.4f} | {ref / fused:.1f}x", flush=True)
 
 
+def small_candidates(hidden: int, inter: int, device: torch.device) -> list:
+    """Every (gate/up rows, down rows, warps) with default_small_config's step widths."""
+    import triton
+
+    from radixserve.layers.moe.small_batch_moe import _STEP_ELEMS, SmallBatchConfig
+
+    out = []
+    for block_i in (1, 2, 4, 8, 16):
+        for block_h in (2, 4, 8, 16, 32):
+            for warps in (4, 8) if device.type == "cuda" else (1,):
+                out.append(SmallBatchConfig(
+                    block_i=block_i,
+                    block_k=min(triton.next_power_of_2(hidden), _STEP_ELEMS // (2 * block_i)),
+                    block_h=block_h,
+                    block_di=min(triton.next_power_of_2(inter), _STEP_ELEMS // block_h),
+                    num_warps=warps, num_stages=3 if device.type == "cuda" else 1))
+    return out
+
+
+def _config_str(c) -> str:
+    return (f"i{c.block_i}/k{c.block_k}/h{c.block_h}/di{c.block_di}/w{c.num_warps}"
+            f"/s{c.num_stages}")
+
+
+def sweep_small(x, w13, w2, weights, ids, ref: torch.Tensor, default_ms: float,
+                timer: Timer) -> str:
+    """The fastest small-batch config that matches the reference, as a table cell."""
+    from radixserve.layers.moe.small_batch_moe import small_batch_experts
+
+    timed = []
+    for cfg in small_candidates(x.shape[1], w2.shape[2], x.device):
+        if _rel_err(small_batch_experts(x, w13, w2, weights, ids, cfg), ref) > 2e-2:
+            raise AssertionError(f"small_batch_experts with {cfg}: wrong result")
+        timed.append((timer(lambda: small_batch_experts(x, w13, w2, weights, ids, cfg)), cfg))
+    ms, best = min(timed, key=lambda t: t[0])
+    return f"{ms:.4f} ({default_ms / ms:.2f}x of default) {_config_str(best)}"
+
+
 def bench_experts(name: str, shape: MoEShape, tp: int, token_counts: list[int],
                   dtype: torch.dtype, device: torch.device, timer: Timer,
-                  bw: float | None) -> None:
+                  bw: float | None, sweep: bool = False) -> None:
     from radixserve.layers.moe import RoutingConfig, fused_experts_reference, select_experts
     from radixserve.layers.moe.fused_moe import use_small_batch
     from radixserve.layers.moe.fused_moe_triton import fused_experts_triton
@@ -186,7 +231,8 @@ def bench_experts(name: str, shape: MoEShape, tp: int, token_counts: list[int],
           f"{inter} top-{shape.top_k} {str(dtype).removeprefix('torch.')}"
           f"{'' if timer.eager else ', CUDA graphs'}")
     print("tokens | experts_hit | floor_ms | small_ms | grouped_ms | small_frac_of_bw | "
-          "grouped_frac_of_bw | grouped/small | default_path | small_config")
+          "grouped_frac_of_bw | grouped/small | default_path | small_config"
+          + (" | best_small_ms" if sweep else ""))
     for tokens in token_counts:
         logits, bias = router_inputs(shape, tokens, device, seed=tokens)
         weights, ids = select_experts(logits, cfg, bias)
@@ -205,10 +251,10 @@ def bench_experts(name: str, shape: MoEShape, tp: int, token_counts: list[int],
         floor = "n/a" if bw is None else f"{nbytes / bw * 1e3:.4f}"
         path = "small" if use_small_batch(tokens, shape.top_k, shape.experts) else "grouped"
         sc = default_small_config(tokens, shape.top_k, shape.hidden, inter, device)
+        best = (" | " + sweep_small(x, w13, w2, weights, ids, ref, small, timer)) if sweep else ""
         print(f"{tokens} | {hit} | {floor} | {small:.4f} | {grouped:.4f} | "
               f"{_frac(nbytes, small, bw)} | {_frac(nbytes, grouped, bw)} | "
-              f"{grouped / small:.2f}x | {path} | i{sc.block_i}/k{sc.block_k}/h{sc.block_h}/"
-              f"di{sc.block_di}/w{sc.num_warps}/s{sc.num_stages}", flush=True)
+              f"{grouped / small:.2f}x | {path} | {_config_str(sc)}{best}", flush=True)
     del w13, w2
 
 
@@ -229,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
         shape = MODELS[model]
         bench_routing(model, shape, routing_tokens, device, timer)
         for tp in args.tp:
-            bench_experts(model, shape, tp, args.tokens, dtype, device, timer, bw)
+            bench_experts(model, shape, tp, args.tokens, dtype, device, timer, bw,
+                          args.sweep_small)
 
 
 if __name__ == "__main__":
