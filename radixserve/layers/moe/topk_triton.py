@@ -15,9 +15,10 @@ Same results as the reference, with two rules stated rather than inherited:
   the logits: softmax is monotonic, so the experts are the same, and the choice cannot
   hinge on how exp rounds. The weights are still the softmax's.
 
-Scores are float32 whatever the logits' dtype. On CUDA exp is libdevice's (tl.exp is
-the approximate ex2 there, a few ulp off torch's expf, which moves weights by ~1e-7
-and, for sigmoid plus a bias, could reorder near-tied experts).
+Scores are float32 whatever the logits' dtype. On CUDA exp is libdevice's: tl.exp is
+the approximate ex2 there, a few ulp off torch's expf, enough to reorder near-tied
+experts where sigmoid scores plus a bias are compared. (The interpreter has no
+libdevice; numpy's exp stands in.)
 """
 
 from __future__ import annotations
