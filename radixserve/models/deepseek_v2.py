@@ -29,7 +29,7 @@ from radixserve.core.forward_batch import ForwardBatch
 from radixserve.distributed.parallel_state import resolve_tp
 from radixserve.layers.layernorm import RMSNorm
 from radixserve.layers.linear import ColumnParallelLinear, RowParallelLinear
-from radixserve.layers.moe import FusedMoE, RoutingConfig, select_experts
+from radixserve.layers.moe import FusedMoE, RoutingConfig, route_experts
 from radixserve.layers.moe.ep.ep_moe import make_fused_moe
 from radixserve.layers.radix_attention import RadixAttention
 from radixserve.layers.replicated_linear import ReplicatedLinear
@@ -153,8 +153,8 @@ class DeepseekV2MoE(nn.Module):
                                if shared else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = select_experts(self.gate(x), self.routing,
-                                      self.gate.e_score_correction_bias)
+        weights, ids = route_experts(self.gate(x), self.routing,
+                                     self.gate.e_score_correction_bias)
         out = self.experts(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

@@ -17,7 +17,7 @@ from transformers import PretrainedConfig
 
 from radixserve.configs.model_config import head_dim_of
 from radixserve.layers.layernorm import RMSNorm
-from radixserve.layers.moe import FusedMoE, RoutingConfig, select_experts
+from radixserve.layers.moe import FusedMoE, RoutingConfig, route_experts
 from radixserve.layers.moe.ep.ep_moe import make_fused_moe
 from radixserve.layers.replicated_linear import ReplicatedLinear
 from radixserve.layers.rotary_embedding import RotaryEmbedding, get_rope, rope_params
@@ -43,7 +43,7 @@ class Qwen2MoeSparseMoeBlock(nn.Module):
             self.shared_expert_gate = ReplicatedLinear(config.hidden_size, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = select_experts(self.gate(x), self.routing)
+        weights, ids = route_experts(self.gate(x), self.routing)
         out = self.experts(x, weights, ids)
         if self.has_shared_expert:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

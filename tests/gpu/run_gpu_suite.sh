@@ -12,4 +12,5 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 python3 -m pytest -q -p no:cacheprovider --noconftest tests/gpu tests/test_triton_kernels.py tests/test_triton_kernels_gemv.py \
-  tests/test_triton_kernels_qk_norm_rotary.py tests/test_triton_kernels_kv_write.py tests/test_triton_kernels_masked_argmax.py tests/test_sampler.py tests/test_cascade_attention.py tests/test_quant_kernels.py "$@"
+  tests/test_triton_kernels_qk_norm_rotary.py tests/test_triton_kernels_kv_write.py tests/test_triton_kernels_masked_argmax.py tests/test_sampler.py tests/test_cascade_attention.py tests/test_quant_kernels.py \
+  tests/test_triton_kernels_moe_routing.py tests/test_triton_kernels_moe_small_batch.py "$@"

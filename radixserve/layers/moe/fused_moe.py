@@ -6,9 +6,11 @@ keeps all experts and a slice of their intermediate dimension (the gate and up p
 are split on their own, as in MergedColumnParallelLinear, and down by columns as in
 RowParallelLinear); partial outputs are summed by one all-reduce.
 
-On CUDA the experts run as the Triton grouped GEMM; elsewhere as the PyTorch
-reference, one matmul pair per expert that received tokens. Loaders only `narrow`
-the checkpoint tensor, so a lazy safetensors slice reads just this rank's part.
+`fused_experts` picks the path: on CUDA a few tokens run as the small-batch GEMV kernels
+(small_batch_moe.py), more as the Triton grouped GEMM (fused_moe_triton.py); elsewhere
+the PyTorch reference runs, one matmul pair per expert that received tokens. Loaders
+only `narrow` the checkpoint tensor, so a lazy safetensors slice reads just this
+rank's part.
 """
 
 from __future__ import annotations
@@ -74,13 +76,39 @@ class FusedMoE(nn.Module):
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H]; topk_weights [T, k] float32; topk_ids [T, k] -> [T, H]."""
-        kernel = (triton_kernel("radixserve.layers.moe.fused_moe_triton", "fused_experts_triton")
-                  if x.is_cuda else None)
-        fn = kernel if kernel is not None else fused_experts_reference
-        out = fn(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
+        out = fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
         if self.tp_size > 1:
             out = get_tp_group().all_reduce(out)
         return out
+
+
+# The small-batch path up to this many tokens, and only while the T*k pairs number at
+# most the experts. It reads an expert's weights once per pair routed to it (less what
+# L2 catches), the grouped GEMM once per distinct expert; T*k random pairs over E
+# experts reach about E * (1 - exp(-T*k/E)) distinct ones, so up to T*k = E re-reads
+# stay under 1/e of the bytes read, while the grouped path pays its sort-and-pad
+# launches, M tiles mostly of padding and a combine at every T.
+SMALL_BATCH_MAX_TOKENS = 16
+
+
+def use_small_batch(tokens: int, top_k: int, num_experts: int) -> bool:
+    """Whether `fused_experts` takes the small-batch kernels for this batch on CUDA."""
+    return 0 < tokens <= SMALL_BATCH_MAX_TOKENS and tokens * top_k <= max(num_experts, top_k)
+
+
+def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """The experts' weighted sum, by the fastest path for x's device and T (arguments
+    as `fused_experts_reference`). The choice depends on shapes only, so a CUDA graph
+    captured at one T always replays the same kernels."""
+    kernel = None
+    if x.is_cuda:
+        kernel = (triton_kernel("radixserve.layers.moe.small_batch_moe", "small_batch_experts")
+                  if use_small_batch(x.shape[0], topk_ids.shape[1], w13.shape[0]) else
+                  triton_kernel("radixserve.layers.moe.fused_moe_triton",
+                                "fused_experts_triton"))
+    fn = kernel if kernel is not None else fused_experts_reference
+    return fn(x, w13, w2, topk_weights, topk_ids)
 
 
 def fused_experts_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,

@@ -12,6 +12,9 @@ Covers the families we serve:
 
 All of it runs in float32 whatever the activation dtype, as the reference models do:
 bf16 router logits flip near-tied choices.
+
+`select_experts` is the reference; `route_experts`, which the models call, runs the
+one-launch Triton kernel (topk_triton.py) on CUDA where it covers the config.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from radixserve.layers.lazy_kernels import triton_kernel
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +42,17 @@ class RoutingConfig:
             raise ValueError(f"scoring must be softmax or sigmoid, got {self.scoring!r}")
         if self.group_score not in ("max", "top2_sum"):
             raise ValueError(f"group_score must be max or top2_sum, got {self.group_score!r}")
+
+
+def route_experts(router_logits: torch.Tensor, cfg: RoutingConfig,
+                  correction_bias: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """select_experts' result, by the fused kernel on CUDA where it covers `cfg`."""
+    if router_logits.is_cuda:
+        mod = triton_kernel("radixserve.layers.moe.topk_triton")
+        if mod is not None and mod.fused_routing_covers(cfg, router_logits.shape[1]):
+            return mod.fused_select_experts(router_logits, cfg, correction_bias)
+    return select_experts(router_logits, cfg, correction_bias)
 
 
 def select_experts(router_logits: torch.Tensor, cfg: RoutingConfig,

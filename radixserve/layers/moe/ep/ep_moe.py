@@ -25,10 +25,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from radixserve.layers.lazy_kernels import triton_kernel
 from radixserve.layers.linear import check_weight_shape
 from radixserve.layers.moe.ep.state import ExpertState, get_expert_state
-from radixserve.layers.moe.fused_moe import FusedMoE, fused_experts_reference
+from radixserve.layers.moe.fused_moe import FusedMoE, fused_experts
 
 
 def make_fused_moe(num_experts: int, hidden_size: int, intermediate_size: int,
@@ -134,7 +133,5 @@ class EpFusedMoE(nn.Module):
         if rows.shape[0] == 0:
             return rows
         ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
-        kernel = (triton_kernel("radixserve.layers.moe.fused_moe_triton", "fused_experts_triton")
-                  if rows.is_cuda else None)
-        fn = kernel if kernel is not None else fused_experts_reference
-        return fn(rows, self.w13_weight, self.w2_weight, ones, slots.to(torch.int32)[:, None])
+        return fused_experts(rows, self.w13_weight, self.w2_weight, ones,
+                             slots.to(torch.int32)[:, None])
