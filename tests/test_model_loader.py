@@ -48,6 +48,18 @@ def test_sharded_safetensors_load(tmp_path) -> None:
     shards = [n for n in os.listdir(tmp_path / "sharded") if n.endswith(".safetensors")]
     assert len(shards) > 2 and (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     assert_matches_hf(str(tmp_path / "sharded"), hf)
+    # The shards read ahead in a thread give every tensor once, in file order, as the
+    # lazy one-file-at-a-time reads do; a reader abandoned half-way stops cleanly.
+    from radixserve.model_loader.safetensors_loader import iterate_safetensors
+
+    ahead = list(iterate_safetensors(str(tmp_path / "sharded")))
+    in_order = [(n, t.full()) for n, t in iterate_safetensors(str(tmp_path / "sharded"),
+                                                                lazy=True)]
+    assert [n for n, _ in ahead] == [n for n, _ in in_order]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(ahead, in_order))
+    partial = iterate_safetensors(str(tmp_path / "sharded"))
+    next(partial)
+    partial.close()
 
 
 def test_missing_tensor_is_named(tmp_path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -57,22 +58,45 @@ class LazySlice:
 
 def iterate_safetensors(model_dir: str, lazy: bool = False
                         ) -> Iterator[tuple[str, torch.Tensor | LazySlice]]:
-    """(name, tensor) pairs; with `lazy`, (name, LazySlice) pairs instead."""
+    """(name, tensor) pairs; with `lazy`, (name, LazySlice) pairs instead. Whole-tensor
+    reads of a sharded checkpoint read the next shard in a background thread while the
+    caller copies this one's tensors to the device (disk and host-to-device copies
+    overlap; at most two shards are in host memory at once)."""
     files, weight_map = safetensors_files(model_dir)
-    for path in files:
-        with _open(path) as f:
-            names = list(f.keys())
-            if weight_map is not None:
-                listed = {n for n, file in weight_map.items() if file == os.path.basename(path)}
-                absent = sorted(listed - set(names))
-                if absent:
-                    raise ValueError(f"{path}: tensors listed in {INDEX_FILE} are absent: {absent}")
-            for name in names:
-                try:
-                    tensor = LazySlice(f, name) if lazy else f.get_tensor(name)
-                except SafetensorError as e:
-                    raise ValueError(f"{path}: cannot read tensor {name!r}: {e}") from e
-                yield name, tensor
+    if lazy or len(files) == 1:
+        for path in files:
+            yield from _shard_items(path, weight_map, lazy)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-reader") as pool:
+        ahead = pool.submit(_read_shard, files[0], weight_map)
+        for i in range(len(files)):
+            tensors = ahead.result()
+            if i + 1 < len(files):
+                ahead = pool.submit(_read_shard, files[i + 1], weight_map)
+            yield from tensors
+            del tensors
+
+
+def _read_shard(path: str, weight_map: dict[str, str] | None
+                ) -> list[tuple[str, torch.Tensor]]:
+    return list(_shard_items(path, weight_map, lazy=False))
+
+
+def _shard_items(path: str, weight_map: dict[str, str] | None, lazy: bool
+                 ) -> Iterator[tuple[str, torch.Tensor | LazySlice]]:
+    with _open(path) as f:
+        names = list(f.keys())
+        if weight_map is not None:
+            listed = {n for n, file in weight_map.items() if file == os.path.basename(path)}
+            absent = sorted(listed - set(names))
+            if absent:
+                raise ValueError(f"{path}: tensors listed in {INDEX_FILE} are absent: {absent}")
+        for name in names:
+            try:
+                tensor = LazySlice(f, name) if lazy else f.get_tensor(name)
+            except SafetensorError as e:
+                raise ValueError(f"{path}: cannot read tensor {name!r}: {e}") from e
+            yield name, tensor
 
 
 def _open(path: str) -> safe_open:
