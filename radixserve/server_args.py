@@ -220,6 +220,11 @@ class ServerArgs:
         None, "where the model runs", choices=DEVICES,
         default_help="cuda when available, else cpu")
     random_seed: int = _flag(0, "seed for sampling and dummy weights", type=_int)
+    is_embedding: bool = _flag(
+        False, "serve a decoder (Llama, Mistral, Qwen2, Qwen3) as an embedding model: "
+        "last-token pooling, L2-normalised, on /v1/embeddings and /encode; /generate and "
+        "chat are refused (encoders, classifiers and reward models are served so without "
+        "it)")
 
     # Memory and scheduling
     mem_fraction_static: float | None = _flag(
@@ -510,6 +515,9 @@ class ServerArgs:
         self._verify_observability()
         self.hicache_config()  # raises ValueError on a bad combination
         if self.speculative_algorithm is not None:
+            if self.is_embedding:
+                raise ValueError("speculative decoding has nothing to speed up with "
+                                 "--is-embedding (requests run prefill only)")
             verify_speculative(self, self.load_config())
         self.request_limits()  # each limit >= 1
         self.multimodal_config()  # the JSON flags parse
@@ -675,7 +683,7 @@ class ServerArgs:
             quantization=self.quantization,
             context_length=self.context_length, trust_remote_code=self.trust_remote_code,
             chat_template=self.chat_template, device=str(self.device),
-            random_seed=self.random_seed)
+            random_seed=self.random_seed, is_embedding=self.is_embedding)
 
     def ep_config(self) -> EpConfig:
         """What the expert-parallel MoE layers, EPLB and the recorder read."""
