@@ -251,3 +251,31 @@ def test_reward_model_scores_match_hf(tmp_path: Path) -> None:
         _check_engine(engine, refs)
     finally:
         engine.shutdown()
+
+
+def test_pooling_reaches_the_api_process_in_the_model_info() -> None:
+    """The server's TokenizerManager learns the pooling from the scheduler's model info
+    (a plain dict): it must come back whole."""
+    from radixserve.configs.pooling_config import PoolingConfig
+    from radixserve.managers.request_validation import ModelLimits
+
+    limits = ModelLimits(64, 1000, 48, (2,), {}, PoolingConfig(
+        "classify", "last", False, False, 3, ("a", "b", "c"), matryoshka_dimensions=(1, 2)))
+    assert ModelLimits.from_model_info(limits.to_model_info()) == limits
+
+
+def test_sentence_transformers_pooling_config_is_read(tmp_path: Path) -> None:
+    from radixserve.configs.pooling_config import pooling_config_for
+
+    config = tf.BertConfig(**_ENCODER)
+    assert pooling_config_for(str(tmp_path), config, "BertModel", False).method == "cls"
+    (tmp_path / "1_Pooling").mkdir()
+    cfg = tmp_path / "1_Pooling" / "config.json"
+    cfg.write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    assert pooling_config_for(str(tmp_path), config, "BertModel", False).method == "mean"
+    cfg.write_text(json.dumps({"pooling_mode_max_tokens": True}))
+    with pytest.raises(ValueError, match="pooling_mode_max_tokens"):
+        pooling_config_for(str(tmp_path), config, "BertModel", False)
+    with pytest.raises(ValueError, match="--is-embedding does not support"):
+        pooling_config_for(str(tmp_path), config, "DeepseekV3ForCausalLM", True)
+    assert pooling_config_for(str(tmp_path), config, "LlamaForCausalLM", False) is None
