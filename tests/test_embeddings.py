@@ -102,12 +102,18 @@ def test_decoder_embeddings_match_hf(tmp_path: Path, family: str) -> None:
         engine.shutdown()
 
 
-def test_decoder_embeddings_with_chunked_prefill_match_hf(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kwargs", [
+    {"chunked_prefill_size": 4, "disable_radix_cache": True},  # several chunks a prompt
+    {"chunked_prefill_size": 4, "page_size": 4},
+    {"enable_cpu_overlap": True},  # the overlapped loop, CUDA's default
+], ids=["chunked", "chunked-paged", "overlap"])
+def test_decoder_embeddings_in_other_scheduler_modes_match_hf(tmp_path: Path,
+                                                              kwargs: dict) -> None:
     torch.manual_seed(1)
     path = _save(tf.AutoModelForCausalLM.from_config(tf.Qwen3Config(head_dim=32, **_DECODER)),
                  tmp_path / "q3")
     refs = _decoder_refs(path)
-    engine = _engine(path, is_embedding=True, chunked_prefill_size=4, disable_radix_cache=True)
+    engine = _engine(path, is_embedding=True, **kwargs)
     try:
         _check_engine(engine, refs)
     finally:
@@ -241,8 +247,7 @@ def test_reward_model_scores_match_hf(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(tensors, str(path / "model.safetensors"))
-    config.architectures = ["Qwen2ForRewardModel"]
-    config.num_labels = 1
+    config.architectures = ["Qwen2ForRewardModel"]  # num_labels left at transformers' 2
     config.save_pretrained(path)
     with torch.no_grad():
         refs = [head(base.eval()(torch.tensor([p])).last_hidden_state[0, -1]) for p in PROMPTS]

@@ -254,3 +254,35 @@ def test_classifier_bad_input_is_a_400(classifier: tuple[LiveServer, Path]) -> N
     with server.client() as c:
         assert c.post("/v1/classify", json={"input": "ok"}).status_code == 200
     server.wait_idle()
+
+
+# --- fuzz: whatever the body, a 200 or a 400, and the server keeps serving ----------
+
+def test_fuzzed_pooling_bodies_are_answered(embed_server: LiveServer) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 40, 2 ** 40),
+                       st.integers(-2, 60000), st.floats(allow_nan=False), st.text(max_size=8))
+    weird = st.recursive(scalar, lambda inner: st.lists(inner, max_size=4), max_leaves=8)
+    inputs = st.one_of(weird, st.text(max_size=20), st.lists(st.integers(0, 49151), max_size=6),
+                       st.lists(st.lists(st.integers(0, 49151), max_size=4), max_size=3))
+    body = st.fixed_dictionaries({}, optional={
+        "input": inputs, "text": inputs, "input_ids": inputs,
+        "dimensions": st.one_of(st.integers(-2, 600), weird),
+        "encoding_format": st.sampled_from(["float", "base64", "hex", 3]), "rid": weird})
+    paths = st.sampled_from(["/v1/embeddings", "/encode", "/classify", "/v1/classify"])
+
+    with embed_server.client() as c:
+        @settings(max_examples=60, deadline=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(path=paths, payload=body)
+        def run(path: str, payload: dict[str, Any]) -> None:
+            r = c.post(path, json=payload)
+            assert r.status_code in (200, 400), (path, payload, r.status_code, r.text[:200])
+            if r.status_code == 400:
+                assert r.json()["error"]["message"]
+
+        run()
+        assert c.post("/v1/embeddings", json={"input": "after the fuzz"}).status_code == 200
+    embed_server.wait_idle()

@@ -60,19 +60,17 @@ class PoolingConfig:
                    matryoshka_dimensions=None if dims is None else tuple(int(x) for x in dims))
 
 
-def is_pooling_architecture(architecture: str) -> bool:
-    """Architectures that never generate, whatever --is-embedding says."""
-    return architecture in (*ENCODER_ARCHITECTURES, *BARE_DECODER_ARCHITECTURES,
-                            *CLASSIFIER_ARCHITECTURES)
-
-
 def pooling_config_for(model_path: str, hf_config: PretrainedConfig, architecture: str,
                        is_embedding: bool) -> PoolingConfig | None:
     """The model's pooling, or None for a generating model. Raises ValueError for an
     architecture that --is-embedding cannot serve."""
     hidden = int(hf_config.hidden_size)
     if architecture in CLASSIFIER_ARCHITECTURES:
+        # A reward model scores with one value, whatever num_labels its config carries
+        # (transformers' default is 2), as SGLang's Qwen2ForRewardModel does.
         labels = _labels(hf_config)
+        if architecture == "Qwen2ForRewardModel":
+            labels = labels[:1]
         return PoolingConfig("classify", "last", False, False, len(labels), labels)
     dims = _matryoshka_dimensions(hf_config, hidden)
     if architecture in ENCODER_ARCHITECTURES:

@@ -369,7 +369,8 @@ class ModelRunner:
     def launch_sampling(self, pending: PendingBatch) -> None:
         """Enqueue the sampling of a batch launched with `launch_forward`."""
         if pending.pooled is not None:
-            # Nothing to sample; the placeholders' slots get ids that nothing reads.
+            # Nothing to sample: the rows get dummy ids, which nothing reads (a pooled
+            # request ends with its prefill and leaves no placeholder).
             pending.next_ids = torch.zeros(pending.pooled.shape[0], dtype=torch.int64,
                                            device=pending.pooled.device)
             pending.host_ids = _to_host(pending.next_ids)

@@ -125,8 +125,8 @@ class Qwen2ForRewardModel(_PooledDecoder):
     def __init__(self, config: PretrainedConfig, pooling: PoolingConfig) -> None:
         super().__init__(config, pooling)
         h = config.hidden_size
-        self.score = nn.Sequential(nn.Linear(h, h), nn.ReLU(),
-                                   nn.Linear(h, getattr(config, "num_labels", None) or 1))
+        # One reward value (configs/pooling_config.py says so to the API too).
+        self.score = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1))
 
     def pool(self, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
         last = pool_hidden(hidden, forward_batch, "last").to(hidden.dtype)
