@@ -284,3 +284,19 @@ def test_sentence_transformers_pooling_config_is_read(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--is-embedding does not support"):
         pooling_config_for(str(tmp_path), config, "DeepseekV3ForCausalLM", True)
     assert pooling_config_for(str(tmp_path), config, "LlamaForCausalLM", False) is None
+
+
+def test_is_embedding_on_an_unsupported_architecture_is_a_flag_error(tmp_path: Path) -> None:
+    """One argparse line and exit status 2, before any model loads."""
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}))
+    done = subprocess.run([sys.executable, "-m", "radixserve.launch_server", "--model-path",
+                           str(tmp_path), "--is-embedding"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert "--is-embedding does not support DeepseekV3ForCausalLM" in last
+    assert "Traceback" not in done.stderr

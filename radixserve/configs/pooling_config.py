@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import PretrainedConfig
+if TYPE_CHECKING:  # server_args reads the names below without loading transformers
+    from transformers import PretrainedConfig
 
 ENCODER_ARCHITECTURES = ("BertModel", "XLMRobertaModel")
 # Decoder stacks saved without a head (transformers' AutoModel): embedders by nature.
