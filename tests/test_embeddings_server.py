@@ -286,3 +286,42 @@ def test_fuzzed_pooling_bodies_are_answered(embed_server: LiveServer) -> None:
         run()
         assert c.post("/v1/embeddings", json={"input": "after the fuzz"}).status_code == 200
     embed_server.wait_idle()
+
+
+# --- Ollama's /api/embed ----------------------------------------------------------------
+
+def test_ollama_embed_matches_openai(embed_server: LiveServer, client: openai.OpenAI) -> None:
+    ollama = pytest.importorskip("ollama", reason="the ollama client is not installed")
+    oc = ollama.Client(host=embed_server.url, headers=embed_server.headers)
+    want = client.embeddings.create(model="default", input=TEXTS).data
+    got = oc.embed(model="anything", input=TEXTS)
+    assert len(got.embeddings) == 3
+    assert all(_close(list(g), w.embedding) for g, w in zip(got.embeddings, want))
+    assert got.prompt_eval_count == sum(len(smollm2_tokenizer().encode(t)) for t in TEXTS)
+    one = oc.embed(model="anything", input=TEXTS[0], dimensions=16)
+    head = want[0].embedding[:16]
+    norm = math.sqrt(math.fsum(x * x for x in head))
+    assert _close(list(one.embeddings[0]), [x / norm for x in head])
+    for kwargs, param in [({"input": ""}, "input"), ({"input": []}, "input"),
+                          ({"input": "x", "dimensions": 9999}, "dimensions"),
+                          ({"input": "word " * 9000, "truncate": False}, "input")]:
+        with pytest.raises(ollama.ResponseError) as err:
+            oc.embed(model="anything", **kwargs)
+        assert err.value.status_code == 400
+        _expect_400(embed_server, "/api/embed", kwargs, param)
+    embed_server.wait_idle()
+
+
+def test_ollama_truncate_cuts_to_the_context() -> None:
+    from types import SimpleNamespace
+
+    from radixserve.configs.request_limits import RequestLimits
+    from radixserve.entrypoints.ollama.embed import _tokenize
+
+    tm = SimpleNamespace(tokenizer=smollm2_tokenizer(), limits=SimpleNamespace(context_len=5),
+                         validator=SimpleNamespace(request_limits=RequestLimits()))
+    text = "one two three four five six seven eight"
+    full = smollm2_tokenizer().encode(text)
+    assert len(full) > 5
+    assert _tokenize(tm, [text, "hi"], True) == [full[:5], smollm2_tokenizer().encode("hi")]
+    assert _tokenize(tm, [text], False) == [full]

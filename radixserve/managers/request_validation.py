@@ -22,7 +22,12 @@ The rules:
   * max_new_tokens: an explicit value larger than the room left in the context is an
     error; a missing one is the default (128) clipped to that room; an explicit null
     means the room (OpenAI's meaning of a missing max_tokens), and min_new_tokens is
-    then checked against the room, not against the default.
+    then checked against the room, not against the default;
+  * an embedding or score request (a pooling model's, `prepare_pooling`) takes the same
+    prompt checks, except that its prompt may fill the whole context (nothing is
+    generated after it); `dimensions` lies in [1, the embedding size] (and among the
+    config's `matryoshka_dimensions` when it lists them); a generating model refuses
+    such requests, and a pooling model generation requests (`check_generates`).
 
 This module imports neither torch nor the model code: the API server process uses it.
 """
