@@ -300,3 +300,17 @@ def test_is_embedding_on_an_unsupported_architecture_is_a_flag_error(tmp_path: P
     last = done.stderr.strip().splitlines()[-1]
     assert "--is-embedding does not support DeepseekV3ForCausalLM" in last
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("kwargs", [{"tp_size": 2}, {"dp_size": 2}], ids=["tp2", "dp2"])
+def test_decoder_embeddings_under_tp_and_dp_match_hf(tmp_path: Path, kwargs: dict) -> None:
+    """Rank processes on gloo: the pooled vector of a TP group (whole on every rank) and
+    the DP controller's merged outputs carry the embeddings too."""
+    torch.manual_seed(7)
+    path = _save(tf.AutoModelForCausalLM.from_config(tf.Qwen3Config(head_dim=32, **_DECODER)),
+                 tmp_path / "q3")
+    refs = _decoder_refs(path)
+    with _engine(path, is_embedding=True, log_level="warning", **kwargs) as engine:
+        _assert_close(_vectors(engine.encode(input_ids=PROMPTS)), refs)
+        _assert_close([_vectors([engine.encode(input_ids=p)])[0] for p in PROMPTS[:2]],
+                      refs[:2])
