@@ -13,7 +13,9 @@ interleave step by step and batch together, and none is starved. async_generate 
 its steps in a worker thread (asyncio.to_thread), one at a time per event loop, so the
 loop stays free while the model runs.
 
-`encode` (embeddings) is not implemented yet: it is left for the embeddings work.
+`encode` answers embedding, classification and reward models (configs/pooling_config.py)
+with SGLang's {"embedding", "meta_info"} items; on such a model generate and chat are
+refused with the server's 400 message.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from radixserve.managers.data_parallel_controller import (DataParallelController
 from radixserve.managers.detokenizer_manager import Detokenizer
 from radixserve.managers.io_struct import BatchStrOut, TokenizedGenerateReqInput, spec_meta
 from radixserve.managers.multimodal_requests import MediaPreparer, chat_media, prepare_with_media
+from radixserve.managers.pooling_output import encode_result, truncate_embedding
 from radixserve.managers.request_validation import (InvalidRequestError, ModelLimits,
                                                     RequestValidator)
 from radixserve.managers.scheduler import Scheduler
@@ -175,6 +178,41 @@ class Engine:
         results = [acc[r.rid].result() for r in reqs]
         return results[0] if single and len(results) == 1 else results
 
+    def encode(self, prompt: Prompt | list[Prompt] | None = None,
+               input_ids: list[int] | list[list[int]] | None = None, *,
+               dimensions: int | None = None, rid: str | None = None,
+               image_data: Any = None, **sglang_kwargs: Any
+               ) -> dict[str, Any] | list[dict[str, Any]]:
+        """Embeddings (or classification / reward scores) of an embedding model
+        (--is-embedding, an encoder, a classifier): {"embedding": [...], "meta_info":
+        {...}} per prompt, a list for a list of prompts, as SGLang's Engine.encode.
+        `dimensions` keeps the first values of a Matryoshka embedding, normalised again.
+        Bad requests raise ValueError with the server's 400 message."""
+        if image_data is not None:
+            raise ValueError("encode: image_data is not supported yet by radixserve")
+        _check_unsupported("encode", sglang_kwargs)
+        dims = self.validator.check_dimensions(dimensions)
+        reqs, single = self.validator.prepare_pooling(prompt, input_ids, self.tokenizer, rid)
+        done: dict[str, dict[str, Any]] = {}
+        with closing(self._outputs(reqs)) as outputs:
+            for out, i in outputs:
+                reason = out.finished_reasons[i]
+                if reason is None:
+                    continue
+                if reason.get("type") == "abort":
+                    raise InvalidRequestError(reason.get("message", "request aborted"),
+                                              reason.get("param"))
+                embedding = (out.embeddings[i] if out.embeddings else None) or []
+                done[out.rids[i]] = encode_result(
+                    out.rids[i], truncate_embedding(embedding, dims, self._normalizes()),
+                    out.prompt_tokens[i], reason, out.cached_tokens[i])
+        results = [done[r.rid] for r in reqs]
+        return results[0] if single else results
+
+    def _normalizes(self) -> bool:
+        pooling = self.limits.pooling
+        return pooling is not None and pooling.normalize
+
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         """Apply the model's chat template (with the generation prompt) and generate.
@@ -278,6 +316,7 @@ class Engine:
                  ) -> tuple[list[TokenizedGenerateReqInput], bool]:
         """The server's checks and n expansion (request_validation.py), on our limits;
         `data_parallel_rank` pins every request to that DP replica."""
+        self.validator.check_generates()
         rank = self.validator.check_data_parallel_rank(data_parallel_rank,
                                                        self.server_args.dp_size)
         reqs, single = self._prepare_unpinned(prompt, input_ids, sampling_params,
@@ -405,7 +444,7 @@ class Engine:
                            out.prompt_tokens, out.completion_tokens, out.cached_tokens,
                            out.output_token_logprobs, out.output_top_logprobs,
                            out.input_token_logprobs, out.input_top_logprobs,
-                           spec_verify_ct=out.spec_verify_ct)
+                           spec_verify_ct=out.spec_verify_ct, embeddings=out.embeddings)
 
     def _run_to_completion(self, reqs: list[TokenizedGenerateReqInput]) -> list[dict[str, Any]]:
         acc = {r.rid: _Accumulator(r.rid) for r in reqs}

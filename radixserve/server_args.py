@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -26,6 +27,10 @@ from radixserve.configs.multimodal_config import MultimodalConfig
 from radixserve.configs.ep_config import (EPLB_ALGORITHMS, RECORDER_MODES, EpConfig,
                                          verify_ep_args)
 from radixserve.configs.parallel_config import ParallelConfig
+from radixserve.configs.pooling_config import (BARE_DECODER_ARCHITECTURES,
+                                               CAUSAL_EMBEDDING_ARCHITECTURES,
+                                               CLASSIFIER_ARCHITECTURES,
+                                               ENCODER_ARCHITECTURES)
 from radixserve.configs.request_limits import RequestLimits
 from radixserve.configs.runner_config import RunnerConfig
 from radixserve.configs.speculative_config import (ALGORITHMS as SPECULATIVE_ALGORITHMS,
@@ -220,6 +225,11 @@ class ServerArgs:
         None, "where the model runs", choices=DEVICES,
         default_help="cuda when available, else cpu")
     random_seed: int = _flag(0, "seed for sampling and dummy weights", type=_int)
+    is_embedding: bool = _flag(
+        False, "serve a decoder (Llama, Mistral, Qwen2, Qwen3) as an embedding model: "
+        "last-token pooling, L2-normalised, on /v1/embeddings and /encode; /generate and "
+        "chat are refused (encoders, classifiers and reward models are served so without "
+        "it)")
 
     # Memory and scheduling
     mem_fraction_static: float | None = _flag(
@@ -510,7 +520,12 @@ class ServerArgs:
         self._verify_observability()
         self.hicache_config()  # raises ValueError on a bad combination
         if self.speculative_algorithm is not None:
+            if self.is_embedding:
+                raise ValueError("speculative decoding has nothing to speed up with "
+                                 "--is-embedding (requests run prefill only)")
             verify_speculative(self, self.load_config())
+        if self.is_embedding:
+            self._verify_embedding_architecture()
         self.request_limits()  # each limit >= 1
         self.multimodal_config()  # the JSON flags parse
 
@@ -586,6 +601,21 @@ class ServerArgs:
             if not found:
                 raise ValueError(f"enable_trace with otlp_traces_endpoint "
                                  f"{self.otlp_traces_endpoint!r} needs the {package} package")
+
+    def _verify_embedding_architecture(self) -> None:
+        """At startup, from config.json alone: --is-embedding on a decoder it cannot pool
+        (a GGUF file states its architecture inside; the model config checks it then)."""
+        path = os.path.join(str(self.model_path), "config.json")
+        if not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            archs = json.load(f).get("architectures") or []
+        supported = (*CAUSAL_EMBEDDING_ARCHITECTURES, *ENCODER_ARCHITECTURES,
+                     *BARE_DECODER_ARCHITECTURES, *CLASSIFIER_ARCHITECTURES)
+        if archs and archs[0] not in supported:
+            raise ValueError(f"--is-embedding does not support {archs[0]}; it serves "
+                             f"{', '.join(CAUSAL_EMBEDDING_ARCHITECTURES)} and the encoders "
+                             f"{', '.join(ENCODER_ARCHITECTURES)}")
 
     def _verify_parsers(self) -> None:
         # At startup, not on the first request that has tools.
@@ -675,7 +705,7 @@ class ServerArgs:
             quantization=self.quantization,
             context_length=self.context_length, trust_remote_code=self.trust_remote_code,
             chat_template=self.chat_template, device=str(self.device),
-            random_seed=self.random_seed)
+            random_seed=self.random_seed, is_embedding=self.is_embedding)
 
     def ep_config(self) -> EpConfig:
         """What the expert-parallel MoE layers, EPLB and the recorder read."""

@@ -138,6 +138,7 @@ def test_limits_round_trip() -> None:
             context_len, vocab_size = 64, 1000
             eos_token_ids = {2}
             generation_defaults = {"top_p": 0.9}
+            pooling = None  # a generating model
         max_total_num_tokens = 48
 
     limits = limits_from(FakeScheduler.model_config, FakeScheduler.max_total_num_tokens)

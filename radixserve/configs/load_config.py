@@ -25,3 +25,6 @@ class LoadConfig:
     chat_template: str | None = None  # a file path or a Jinja string
     device: str = "cpu"
     random_seed: int = 0  # seeds dummy weights
+    # --is-embedding: a decoder (LlamaForCausalLM, Qwen3ForCausalLM, ...) is served as an
+    # embedder (configs/pooling_config.py).
+    is_embedding: bool = False

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from radixserve.configs.load_config import LoadConfig
+from radixserve.configs.pooling_config import PoolingConfig, pooling_config_for
 
 logger = logging.getLogger(__name__)
 
@@ -39,18 +40,25 @@ class ModelConfig:
     context_len: int
     eos_token_ids: set[int] = field(default_factory=set)
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+    # How an embedding, classification or reward model pools its hidden states; None
+    # for a model that generates.
+    pooling: PoolingConfig | None = None
 
     @classmethod
     def from_load_config(cls, load: LoadConfig) -> "ModelConfig":
         path = str(load.model_path)
         hf_config = load_hf_config(path, load.is_gguf, load.trust_remote_code)
         gen = _read_generation_config(path)
+        archs = getattr(hf_config, "architectures", None) or []
+        pooling = (pooling_config_for(path, text_config_of(hf_config), archs[0],
+                                      load.is_embedding) if archs else None)
         return cls(
             model_path=path,
             hf_config=hf_config,
             dtype=load.torch_dtype,
             context_len=_context_len(text_config_of(hf_config), load.context_length,
                                      hf_config.architectures),
+            pooling=pooling,
             eos_token_ids=_as_id_set(getattr(hf_config, "eos_token_id", None))
             | _as_id_set(getattr(text_config_of(hf_config), "eos_token_id", None))
             | _as_id_set(gen.get("eos_token_id")),
@@ -148,6 +156,9 @@ def _context_len(config: PretrainedConfig, override: int | None,
     if override is not None:
         return override
     length = getattr(config, "max_position_embeddings", None) or 2048
+    if "XLMRobertaModel" in (architectures or []):
+        # Its positions start after the padding index (transformers' numbering).
+        length -= int(getattr(config, "pad_token_id", 1) or 0) + 1
     window = getattr(config, "sliding_window", None)
     if "MistralForCausalLM" in (architectures or []) and window and window < length:
         # Our attention is full (no window): capping the context at the window keeps

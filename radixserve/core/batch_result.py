@@ -21,6 +21,9 @@ class BatchResult:
     # Speculative decoding: per request, the tokens accepted after next_token_ids[i] in
     # the same step, in order (their KV is committed); None: one token per request.
     extra_token_ids: list[list[int]] | None = None
+    # A pooling model's output, one vector per request (embedding or class scores);
+    # None for a generating model.
+    pooled: list[list[float]] | None = None
 
     @classmethod
     def tokens_only(cls, ids: list[int]) -> "BatchResult":

@@ -78,6 +78,9 @@ class Req:
             mm_inputs.bind_prompt(self.origin_input_ids)
             self.rope_delta = mm_inputs.rope_delta
 
+        # A pooling model's answer: the embedding, or the class / reward scores.
+        self.embedding: list[float] | None = None
+
         # Logprob state (only filled when return_logprob).
         self.output_token_logprobs: list[tuple[float, int]] = []
         self.output_top_logprobs: list[list[tuple[float, int]]] = []

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from radixserve.configs.request_limits import RequestLimits
-from radixserve.entrypoints import native, ollama, tokenization
+from radixserve.entrypoints import native, ollama, pooling, tokenization
 from radixserve.entrypoints.dashboard import add_dashboard_routes
 from radixserve.entrypoints.expert_record_routes import add_expert_record_routes
 from radixserve.entrypoints.metrics_routes import add_metrics_routes
@@ -264,6 +264,9 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs,
                                sampling_params={"max_new_tokens": 1, "temperature": 0.0})
 
         async def run_one() -> None:
+            if tm.pooling is not None:  # a model that answers with vectors
+                await tm.encode(input_ids=[0], rid=obj.rid)
+                return
             async with aclosing(await tm.generate(obj)) as gen:
                 async for _ in gen:
                     pass
@@ -279,7 +282,8 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs,
     async def get_model_info() -> dict[str, Any]:
         return {"model_path": server_args.model_path,
                 "tokenizer_path": server_args.tokenizer_path or server_args.model_path,
-                "served_model_name": tm.served_model_name, "is_generation": True,
+                "served_model_name": tm.served_model_name,
+                "is_generation": tm.pooling is None,
                 "context_length": tm.limits.context_len,
                 "vocab_size": tm.limits.vocab_size,
                 "model_type": tm.model_info.get("model_type"),
@@ -346,6 +350,7 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs,
         return _json_body(request, limits)
 
     tokenization.register(app, tm, json_body)
+    pooling.register(app, tm, json_body)
     ollama.register(app, tm, json_body)
 
     @app.post("/v1/completions")

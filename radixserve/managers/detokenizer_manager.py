@@ -91,6 +91,7 @@ class Detokenizer:
             input_token_logprobs=out.input_token_logprobs,
             input_top_logprobs=out.input_top_logprobs,
             spec_verify_ct=out.spec_verify_ct,
+            embeddings=out.embeddings,
         )
 
     def _handle_one(self, rid: str, new_ids: list[int], finished: dict[str, Any] | None,

@@ -118,6 +118,9 @@ class BatchTokenIDOut:
     input_top_logprobs: list[list[list[tuple[float, int]] | None] | None]
     # Speculative decoding: verify passes per request so far (0 when it is off).
     spec_verify_ct: list[int] = field(default_factory=list)
+    # A pooling model's vector per request (embedding or scores), once it finished;
+    # empty for a generating model.
+    embeddings: list[list[float] | None] = field(default_factory=list)
 
 
 @dataclass
@@ -137,6 +140,8 @@ class BatchStrOut:
     input_top_logprobs: list[list[list[tuple[float, int]] | None] | None]
     # Speculative decoding: verify passes per request so far (0 when it is off).
     spec_verify_ct: list[int] = field(default_factory=list)
+    # As BatchTokenIDOut's: passed on untouched.
+    embeddings: list[list[float] | None] = field(default_factory=list)
 
 
 @dataclass

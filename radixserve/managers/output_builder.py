@@ -26,6 +26,7 @@ def build_token_id_out(reqs: Iterable[Req]) -> BatchTokenIDOut | None:
         out.completion_tokens.append(req.num_resolved)
         out.cached_tokens.append(req.cached_tokens)
         out.spec_verify_ct.append(req.spec_verify_ct)
+        out.embeddings.append(req.embedding)
         sp = req.sampling_params
         out.skip_special_tokens.append(sp.skip_special_tokens)
         out.spaces_between_special_tokens.append(sp.spaces_between_special_tokens)

@@ -62,6 +62,10 @@ class OutputProcessor:
                 continue  # a chunk yields no token; a request aborted in flight drops it
             idx = batch.out_index[i]
             if idx < 0:
+                # Prefill only: max_new_tokens 0, or a pooling model's request, whose
+                # vector is its whole answer.
+                if result.pooled is not None:
+                    req.embedding = result.pooled[i]
                 self.finish(req, {"type": "length", "length": 0})
                 continue
             req.output_ids[idx] = result.next_token_ids[i]

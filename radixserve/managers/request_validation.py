@@ -22,7 +22,12 @@ The rules:
   * max_new_tokens: an explicit value larger than the room left in the context is an
     error; a missing one is the default (128) clipped to that room; an explicit null
     means the room (OpenAI's meaning of a missing max_tokens), and min_new_tokens is
-    then checked against the room, not against the default.
+    then checked against the room, not against the default;
+  * an embedding or score request (a pooling model's, `prepare_pooling`) takes the same
+    prompt checks, except that its prompt may fill the whole context (nothing is
+    generated after it); `dimensions` lies in [1, the embedding size] (and among the
+    config's `matryoshka_dimensions` when it lists them); a generating model refuses
+    such requests, and a pooling model generation requests (`check_generates`).
 
 This module imports neither torch nor the model code: the API server process uses it.
 """
@@ -33,6 +38,7 @@ import uuid
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Sequence
 
+from radixserve.configs.pooling_config import PoolingConfig
 from radixserve.configs.request_limits import RequestLimits
 from radixserve.core.sampling_params import SamplingParams
 from radixserve.managers.io_struct import TokenizedGenerateReqInput
@@ -66,20 +72,25 @@ class ModelLimits:
     max_total_num_tokens: int
     eos_token_ids: tuple[int, ...] = ()
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+    # An embedding / classification / reward model's pooling; None: it generates.
+    pooling: PoolingConfig | None = None
 
     def to_model_info(self) -> dict[str, Any]:
         """The plain dict the server's scheduler process reports at startup."""
         return {"context_len": self.context_len, "vocab_size": self.vocab_size,
                 "max_total_num_tokens": self.max_total_num_tokens,
                 "eos_token_ids": list(self.eos_token_ids),
-                "generation_defaults": dict(self.generation_defaults)}
+                "generation_defaults": dict(self.generation_defaults),
+                "pooling": None if self.pooling is None else self.pooling.to_dict()}
 
     @classmethod
     def from_model_info(cls, info: dict[str, Any]) -> "ModelLimits":
+        pooling = info.get("pooling")
         return cls(context_len=int(info["context_len"]), vocab_size=int(info["vocab_size"]),
                    max_total_num_tokens=int(info["max_total_num_tokens"]),
                    eos_token_ids=tuple(int(t) for t in info.get("eos_token_ids") or ()),
-                   generation_defaults=dict(info.get("generation_defaults") or {}))
+                   generation_defaults=dict(info.get("generation_defaults") or {}),
+                   pooling=None if pooling is None else PoolingConfig.from_dict(pooling))
 
 
 def limits_from(model_config: "ModelConfig", max_total_num_tokens: int) -> ModelLimits:
@@ -90,6 +101,7 @@ def limits_from(model_config: "ModelConfig", max_total_num_tokens: int) -> Model
         max_total_num_tokens=int(max_total_num_tokens),
         eos_token_ids=tuple(sorted(int(t) for t in (model_config.eos_token_ids or ()))),
         generation_defaults=dict(model_config.generation_defaults or {}),
+        pooling=model_config.pooling,
     )
 
 
@@ -244,7 +256,9 @@ class RequestValidator:
             raise InvalidRequestError("data_parallel_rank must be a non-negative integer",
                                       "data_parallel_rank")
         self._check_sent_params(req.sampling_params)
-        self.check_prompt_ids(req.input_ids)
+        # A prefill-only request (embeddings, scores) may fill the whole context.
+        self.check_prompt_ids(req.input_ids,
+                              generating=req.sampling_params.max_new_tokens != 0)
         if req.mm_inputs is not None:
             from radixserve.multimodal.checks import check_mm_inputs
             from radixserve.multimodal.errors import MultimodalInputError
@@ -286,9 +300,63 @@ class RequestValidator:
             raise InvalidRequestError("logit_bias must map token ids in the vocabulary",
                                       "logit_bias")
 
+    # --- pooling models (embeddings, scores) ---------------------------------------
+
+    def check_generates(self) -> None:
+        """Refuse a generation request on a model that returns vectors."""
+        if self.limits.pooling is not None:
+            raise InvalidRequestError(
+                "this model returns embeddings or scores, not text: /generate, completions "
+                "and chat are not served; use /v1/embeddings, /encode or /classify", "model")
+
+    def prepare_pooling(self, text: Any, input_ids: Any, tokenizer: Any,
+                        rid: str | None = None
+                        ) -> tuple[list[TokenizedGenerateReqInput], bool]:
+        """An embedding / classify request: each prompt checked as for generation (but
+        it may fill the whole context, as nothing is generated), run as a prefill with
+        max_new_tokens 0. Also says whether one prompt was given."""
+        if self.limits.pooling is None:
+            raise InvalidRequestError("this model generates text; embeddings and scores "
+                                      "need an embedding model (--is-embedding) or a "
+                                      "classification / reward model", "model")
+        prompts, single = parse_prompts(text, input_ids)
+        if rid is not None and not isinstance(rid, str):
+            raise InvalidRequestError("rid must be a string", "rid")
+        base_rid = rid or uuid.uuid4().hex
+        reqs: list[TokenizedGenerateReqInput] = []
+        tokenized = tokenize_prompts(prompts, tokenizer, self.request_limits.max_prompt_bytes)
+        for i, (prompt_text, ids) in enumerate(tokenized):
+            self.check_prompt_ids(ids, generating=False)
+            reqs.append(TokenizedGenerateReqInput(
+                rid=base_rid if len(tokenized) == 1 else f"{base_rid}-{i}",
+                input_text=prompt_text, input_ids=list(ids),
+                sampling_params=SamplingParams(max_new_tokens=0)))
+        return reqs, single
+
+    def check_dimensions(self, value: Any) -> int | None:
+        """`dimensions` (Matryoshka truncation): None, or a size the model allows."""
+        if value is None:
+            return None
+        pooling = self.limits.pooling
+        if pooling is None or pooling.task != "embed":
+            raise InvalidRequestError("dimensions applies to embedding models only",
+                                      "dimensions")
+        if not isinstance(value, int) or isinstance(value, bool) or not (
+                1 <= value <= pooling.output_dim):
+            raise InvalidRequestError(f"dimensions must be an integer in [1, "
+                                      f"{pooling.output_dim}] (the model's embedding size), "
+                                      f"got {value!r}", "dimensions")
+        allowed = pooling.matryoshka_dimensions
+        if allowed is not None and value not in allowed:
+            raise InvalidRequestError(f"dimensions must be one of the model's "
+                                      f"matryoshka_dimensions {list(allowed)}, got {value}",
+                                      "dimensions")
+        return value
+
     # --- pieces -------------------------------------------------------------------
 
-    def check_prompt_ids(self, ids: list[int]) -> None:
+    def check_prompt_ids(self, ids: list[int], generating: bool = True) -> None:
+        """`generating`: at least one position must be left for output."""
         lim = self.limits
         if not ids:
             raise InvalidRequestError("the prompt is empty: give at least one token", "prompt")
@@ -296,7 +364,11 @@ class RequestValidator:
         if bad:
             raise InvalidRequestError(f"input_ids contains token ids outside "
                                       f"[0, {lim.vocab_size}): {bad[:5]}", "input_ids")
-        if len(ids) >= lim.context_len:
+        if not generating and len(ids) > lim.context_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens; the model's context length is "
+                f"{lim.context_len}", "prompt")
+        if generating and len(ids) >= lim.context_len:
             raise InvalidRequestError(
                 f"the prompt has {len(ids)} tokens; the model's context length is "
                 f"{lim.context_len} (at least one token must be left to generate)", "prompt")

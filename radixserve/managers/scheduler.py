@@ -16,6 +16,7 @@ docs/architecture.md shows them together.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -56,9 +57,16 @@ Launched = tuple[ScheduleBatch, PendingBatch]
 class Scheduler(SchedulerInterface):
     def __init__(self, server_args: ServerArgs, model_config: ModelConfig | None = None,
                  tokenizer: Any = None, dp_rank: int = 0) -> None:
-        self.config = config = SchedulerConfig.from_server_args(server_args)
+        config = SchedulerConfig.from_server_args(server_args)
         load = server_args.load_config()
         self.model_config = model_config or ModelConfig.from_load_config(load)
+        self.pooling = self.model_config.pooling
+        if self.pooling is not None and self.pooling.bidirectional:
+            # An encoder's every hidden state depends on the whole request: a cached
+            # prefix or an earlier chunk would be computed without the tokens after it.
+            config = dataclasses.replace(config, disable_radix_cache=True,
+                                         chunked_prefill_size=None)
+        self.config = config
         if tokenizer is None and not config.skip_tokenizer_init:
             from radixserve.model_loader.tokenizer import get_tokenizer
 
@@ -127,6 +135,11 @@ class Scheduler(SchedulerInterface):
                 logger.warning("dropped a malformed request message: %s", e)
             return
         sp = recv.sampling_params
+        if self.pooling is not None and (sp.max_new_tokens != 0 or recv.return_logprob):
+            self._reject(Req(recv.rid, [0], SamplingParams()),
+                         "this model returns embeddings or scores, not tokens: use "
+                         "/v1/embeddings, /encode or /classify", "model")
+            return
         req = Req(recv.rid, recv.input_ids, sp, origin_input_text=recv.input_text,
                   return_logprob=recv.return_logprob, logprob_start_len=recv.logprob_start_len,
                   top_logprobs_num=recv.top_logprobs_num, stream=recv.stream,

@@ -13,6 +13,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Protocol, TypeVar
 
@@ -36,6 +37,7 @@ from radixserve.managers.request_validation import (
     ModelLimits,
     RequestValidator,
 )
+from radixserve.managers.pooling_output import encode_result
 from radixserve.metrics.request_observer import make_request_observer
 from radixserve.server_args import ServerArgs
 
@@ -97,6 +99,7 @@ class _ReqState:
     input_top_logprobs: list[Any] = field(default_factory=list)
     output_token_logprobs: list[list[Any]] = field(default_factory=list)
     output_top_logprobs: list[Any] = field(default_factory=list)
+    embedding: list[float] | None = None  # a pooling model's answer
 
 
 class TokenizerManager:
@@ -105,6 +108,8 @@ class TokenizerManager:
         self.server_args = server_args
         self.model_info = model_info
         self.limits = ModelLimits.from_model_info(model_info)
+        # Embedding / classification / reward models answer /encode and friends only.
+        self.pooling = self.limits.pooling
         self.validator = RequestValidator(self.limits, server_args.request_limits())
         self.tokenizer = tokenizer
         self.served_model_name = server_args.served_model_name or str(server_args.model_path)
@@ -170,9 +175,32 @@ class TokenizerManager:
         lets a non-streaming request notice that its client left.
         """
         self._check_alive()
+        self.validator.check_generates()
         received = time.perf_counter()
         reqs = await self.off_loop(self._tokenize_and_validate, obj)
         return self._run(reqs, obj.stream, obj.return_text_in_logprobs, request, received)
+
+    async def encode(self, text: Any = None, input_ids: Any = None, rid: str | None = None,
+                     request: Disconnectable | None = None
+                     ) -> tuple[list[dict[str, Any]], bool]:
+        """A pooling model's answer per prompt, in prompt order, as SGLang's /encode
+        items ({"embedding", "meta_info"}), and whether a single prompt was given.
+        Bad input raises InvalidRequestError (tokenized and checked in the tokenizer
+        thread, like generate's)."""
+        self._check_alive()
+        received = time.perf_counter()
+        reqs, single = await self.off_loop(self.validator.prepare_pooling, text, input_ids,
+                                           self.tokenizer, rid)
+        outputs: list[dict[str, Any]] = []
+        async with aclosing(self._run(reqs, False, False, request, received)) as gen:
+            async for out in gen:
+                outputs.append(out)
+        # Fewer outputs than prompts: the client left (the rest were aborted), and
+        # nobody reads this answer.
+        outputs.sort(key=lambda o: o["index"])
+        return [encode_result(o["meta_info"]["id"], o.get("embedding") or [],
+                              o["meta_info"]["prompt_tokens"], o["meta_info"]["finish_reason"],
+                              o["meta_info"]["cached_tokens"]) for o in outputs], single
 
     async def _run(self, reqs: list[TokenizedGenerateReqInput], stream: bool, with_text: bool,
                    request: Disconnectable | None, received: float
@@ -248,9 +276,12 @@ class TokenizerManager:
                 input_top_logprobs=state.input_top_logprobs,
                 output_top_logprobs=state.output_top_logprobs,
             )
-        return {"index": state.index, "text": state.text, "delta": delta,
-                "output_ids": list(state.output_ids), "meta_info": meta,
-                "finished": state.finished}
+        out = {"index": state.index, "text": state.text, "delta": delta,
+               "output_ids": list(state.output_ids), "meta_info": meta,
+               "finished": state.finished}
+        if state.embedding is not None:
+            out["embedding"] = state.embedding
+        return out
 
     def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
         """Abort a request; a base rid of an n > 1 or batch request aborts all its parts.
@@ -372,6 +403,8 @@ class TokenizerManager:
             state.cached_tokens = out.cached_tokens[i]
             if out.spec_verify_ct:
                 state.spec_verify_ct = out.spec_verify_ct[i]
+            if out.embeddings and out.embeddings[i] is not None:
+                state.embedding = out.embeddings[i]
             if state.return_logprob:
                 self._append_logprobs(state, out, i)
             if out.finished_reasons[i] is not None:

@@ -1,7 +1,9 @@
 """ModelRunner: owns the model, the KV memory and the attention backend; runs forwards.
 
 It makes no scheduling decisions: the scheduler hands it a ScheduleBatch whose KV slots
-are already allocated, and it returns sampled tokens (and logprobs when asked).
+are already allocated, and it returns sampled tokens (and logprobs when asked). A
+pooling model (embeddings, classification and reward scores: configs/pooling_config.py)
+returns one vector per request instead, and samples nothing.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ class PendingBatch:
     next_ids: torch.Tensor | None = None  # on the device
     host_ids: torch.Tensor | None = None  # pinned host copy, valid once `ready` has fired
     ready: torch.cuda.Event | None = None
+    # A pooling model's [batch, dim] float32 output (then nothing is sampled).
+    pooled: torch.Tensor | None = None
+    pooled_host: torch.Tensor | None = None  # its host copy, valid once `ready` has fired
 
 
 class ModelRunner:
@@ -79,6 +84,7 @@ class ModelRunner:
         expert_state = setup_expert_parallel(config.ep, self.tp_group,
                                              model_config.text_config, self.device)
         self.model = load_model(config.load, model_config)
+        self.is_pooling = model_config.pooling is not None
         self.experts = (ExpertParallelRuntime(expert_state, self.model)
                         if expert_state is not None else None)
         self.forward_passes = 0  # DP-attention compares it across a step
@@ -101,7 +107,8 @@ class ModelRunner:
         elif config.enable_nccl_symm_all_reduce:
             self.tp_group.enable_nccl_window_all_reduce(self.device)
         self.cuda_graph_runner: CudaGraphRunner | None = None
-        if self.device.type == "cuda" and not config.disable_cuda_graph:
+        # Pooling models never decode: there is no decode step to capture.
+        if self.device.type == "cuda" and not config.disable_cuda_graph and not self.is_pooling:
             target = GraphTarget(self.model, self.attn_backend, self.req_to_token_pool,
                                  self.token_to_kv_pool, self.future, self.tp_group,
                                  rope_deltas=self.uses_mrope)
@@ -260,7 +267,8 @@ class ModelRunner:
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         """float32 logits of the rows that need them: [rows, vocab], run eagerly (a
-        decode batch that a CUDA graph runs goes through `replay_decode_graph`).
+        decode batch that a CUDA graph runs goes through `replay_decode_graph`); for a
+        pooling model, its pooled output [batch, dim].
 
         Input ids may hold placeholders for tokens an earlier, still running batch
         samples (see FutureTokenMap); they are resolved on the device."""
@@ -274,6 +282,8 @@ class ModelRunner:
         self.forward_passes += 1
         if self.experts is not None:
             self.experts.after_pass()  # EPLB rebalances here, between passes
+        if self.is_pooling:
+            return self.model.pool(hidden, fb)
         if fb.logits_indices is not None:
             hidden = hidden[fb.logits_indices]
         return self.model.compute_logits(hidden)
@@ -314,6 +324,8 @@ class ModelRunner:
         before its tokens are sampled.
         """
         self.future.pending = placeholders_pending
+        if self.is_pooling:
+            return self._launch_pooling(batch)
         logits = self.replay_decode_graph(batch)
         from_graph = logits is not None
         fb = None
@@ -344,9 +356,27 @@ class ModelRunner:
             to_sample=(next_logits, self._greedy_info.get(reqs, self.model_config.vocab_size,
                                                           self.device)))
 
+    def _launch_pooling(self, batch: ScheduleBatch) -> PendingBatch:
+        """A pooling model's prefill: its vectors, and no logits."""
+        if batch.forward_mode.is_decode() or any(r.return_logprob for r in batch.reqs):
+            raise ValueError("a pooling model runs prefills without logprobs only")
+        pooled = self.forward(self.build_forward_batch(batch))
+        n = len(batch.reqs)
+        return PendingBatch(future_base=self.future.reserve(n), next_logits=None,
+                            logits=None, prompt_plan=None, top_nums=[-1] * n, pooled=pooled)
+
     @torch.inference_mode()
     def launch_sampling(self, pending: PendingBatch) -> None:
         """Enqueue the sampling of a batch launched with `launch_forward`."""
+        if pending.pooled is not None:
+            # Nothing to sample: the rows get dummy ids, which nothing reads (a pooled
+            # request ends with its prefill and leaves no placeholder).
+            pending.next_ids = torch.zeros(pending.pooled.shape[0], dtype=torch.int64,
+                                           device=pending.pooled.device)
+            pending.host_ids = _to_host(pending.next_ids)
+            pending.pooled_host = _to_host(pending.pooled)
+            self._record_ready(pending)
+            return
         if pending.to_sample is None:
             raise RuntimeError("this batch's tokens were already sampled")
         next_logits, info = pending.to_sample
@@ -357,6 +387,9 @@ class ModelRunner:
         self.future.store(pending.future_base, next_ids)
         pending.next_ids = next_ids
         pending.host_ids = _to_host(next_ids)
+        self._record_ready(pending)
+
+    def _record_ready(self, pending: PendingBatch) -> None:
         if self.device.type == "cuda":
             pending.ready = torch.cuda.Event()
             pending.ready.record()
@@ -371,6 +404,8 @@ class ModelRunner:
             self.last_wait_s += time.perf_counter() - t0
         ids = pending.host_ids.tolist()
         result = BatchResult.tokens_only(ids)
+        if pending.pooled_host is not None:
+            result.pooled = pending.pooled_host.tolist()
         if pending.next_logits is None:
             return result
         want = [i for i, k in enumerate(pending.top_nums) if k >= 0]

@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 
 def load_model(load: LoadConfig, model_config: ModelConfig) -> nn.Module:
-    model_cls = get_model_class(model_config.architecture)
+    pooling = model_config.pooling
+    model_cls = get_model_class(model_config.architecture, pooling)
     device = torch.device(load.device)
     start = time.perf_counter()
     # Parameters are allocated directly on the device in the serving dtype: no CPU copy
@@ -38,7 +39,8 @@ def load_model(load: LoadConfig, model_config: ModelConfig) -> nn.Module:
     quant_config = quant_config_for(load, model_config)
     with torch.device(device), _default_dtype(model_config.dtype), \
             quantization_scope(quant_config):
-        model = model_cls(model_config.hf_config)
+        model = (model_cls(model_config.hf_config) if pooling is None
+                 else model_cls(model_config.hf_config, pooling))
         if quant_config is not None:
             prepare_quantized_model(model, quant_config)
     fmt = resolve_load_format(load)

@@ -17,6 +17,7 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from radixserve.entrypoints.ollama.embed import EmbedRequest, embed
 from radixserve.entrypoints.ollama.protocol import ChatRequest, GenerateRequest, ShowRequest
 from radixserve.entrypoints.openai.protocol import parse_request
 from radixserve.entrypoints.openai.serving_chat import template_ids
@@ -57,6 +58,10 @@ def register(app: FastAPI, tm: TokenizerManager, read_body: Callable[[Request], 
                                sampling_params=req.options.sampling_params(req.format))
         return await _answer(tm, obj, request, lambda text, done: {
             "message": {"role": "assistant", "content": text}})
+
+    @app.post("/api/embed")
+    async def embed_route(request: Request) -> dict[str, Any]:
+        return await embed(tm, parse_request(EmbedRequest, await read_body(request)), request)
 
     @app.get("/api/tags")
     async def tags() -> dict[str, Any]:
