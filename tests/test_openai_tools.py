@@ -318,7 +318,7 @@ def test_template_receives_tools_and_history() -> None:
             "name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "3"}])
     plan = plan_tools(req, "qwen25")
-    assert apply_chat_template(tm, req, plan.template_tools) == [1, 2]
+    assert apply_chat_template(tm, req, plan.template_tools) == ([1, 2], [])  # no media
     messages, kwargs = tokenizer.calls[0]
     assert kwargs["tools"] == TOOLS and kwargs["add_generation_prompt"]
     assert messages[1]["tool_calls"][0]["function"]["arguments"] == {"a": 1, "b": 2}
