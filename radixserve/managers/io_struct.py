@@ -29,6 +29,11 @@ class TokenizedGenerateReqInput:
     # Images / videos: multimodal/inputs.py MultimodalInputs (input_ids already hold
     # each item's placeholder tokens); None for a text request.
     mm_inputs: Any = None
+    # Prefill/decode disaggregation (SGLang's fields, set by the router): the prefill
+    # server's bootstrap address and the room pairing the prefill and decode halves.
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
 
 
 @dataclass

@@ -238,6 +238,7 @@ class RequestValidator:
                 raise InvalidRequestError(f"{name} must be true or false", name)
         self.check_top_logprobs_num(req.top_logprobs_num)
         self.check_logprob_start_len(req.logprob_start_len)
+        self.check_bootstrap(req.bootstrap_host, req.bootstrap_port, req.bootstrap_room)
         self._check_sent_params(req.sampling_params)
         self.check_prompt_ids(req.input_ids)
         if req.mm_inputs is not None:
@@ -299,6 +300,21 @@ class RequestValidator:
             raise InvalidRequestError(
                 f"the prompt has {len(ids)} tokens but the KV cache holds only "
                 f"{lim.max_total_num_tokens}; raise --max-total-tokens", "prompt")
+
+    @staticmethod
+    def check_bootstrap(host: Any, port: Any, room: Any) -> None:
+        """The disaggregation fields: all unset, or a host, a port and a room."""
+        if host is None and port is None and room is None:
+            return
+        if not isinstance(host, str) or not host:
+            raise InvalidRequestError("bootstrap_host must be a non-empty string",
+                                      "bootstrap_host")
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise InvalidRequestError("bootstrap_port must be a port number (1-65535)",
+                                      "bootstrap_port")
+        if not isinstance(room, int) or isinstance(room, bool) or not 0 <= room < 1 << 63:
+            raise InvalidRequestError("bootstrap_room must be an integer in [0, 2^63)",
+                                      "bootstrap_room")
 
     def check_top_logprobs_num(self, value: Any) -> int:
         if value is None:
