@@ -257,7 +257,7 @@ class _Receiver:
                     "page_size": self.bufs.page_size})
                 with self._lock:
                     self._waiting.setdefault(peer, set()).add(room)
-            except BootstrapError as exc:
+            except (BootstrapError, ValueError, TypeError) as exc:  # refused, or a bad reply
                 if kind == "claim":
                     self._done(room, None, str(exc))
                 else:
@@ -290,8 +290,11 @@ class _Receiver:
                 try:
                     states = bootstrap.call(*peer, "/pd/status",
                                             {"rooms": rooms, "wait_s": _STATUS_WAIT_S})["rooms"]
+                    if not isinstance(states, dict):
+                        raise BootstrapError(f"bootstrap server {peer[0]}:{peer[1]} sent a "
+                                             f"malformed status")
                     misses[peer] = 0
-                except BootstrapError as exc:
+                except (BootstrapError, KeyError, TypeError) as exc:
                     misses[peer] = misses.get(peer, 0) + 1
                     if misses[peer] >= _UNREACHABLE_AFTER:
                         self._end_all(peer, rooms, f"lost the prefill server: {exc}")
@@ -299,7 +302,9 @@ class _Receiver:
                         time.sleep(0.05)
                     continue
                 for room in rooms:
-                    s = states.get(str(room), {})
+                    s = states.get(str(room))
+                    if not isinstance(s, dict):
+                        continue
                     if s.get("paired"):
                         self._paired.add(room)
                     if s.get("state") == "done":
