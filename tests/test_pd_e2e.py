@@ -25,8 +25,9 @@ from tests.conftest import free_port
 from tests.router_harness import Router, Worker, start_pd_router, start_worker
 
 PAGE = ["--page-size", "4"]
-# Short waits, so that the failure tests end in seconds.
-BOOTSTRAP_TIMEOUT_S = 6
+# Short enough that the handshake test ends soon, long enough for a claim to make it
+# through a loaded 2-core machine (a few seconds are not always enough there).
+BOOTSTRAP_TIMEOUT_S = 20
 # Long enough for a prefill queued behind a loaded CPU; no test waits it out.
 WAITING_TIMEOUT_S = 120
 DECODE_KV_TOKENS = 2048
