@@ -23,6 +23,8 @@ import torch
 from radixserve.configs import hicache_config
 from radixserve.configs.hicache_config import HiCacheConfig
 from radixserve.configs.load_config import LoadConfig
+from radixserve.configs.disaggregation_config import (MODES as DISAGGREGATION_MODES,
+                                                   TRANSFER_BACKENDS, DisaggregationConfig)
 from radixserve.configs.multimodal_config import MultimodalConfig
 from radixserve.configs.ep_config import (EPLB_ALGORITHMS, RECORDER_MODES, EpConfig,
                                          verify_ep_args)
@@ -451,6 +453,28 @@ class ServerArgs:
     max_logit_bias_entries: int = _flag(
         1024, "most token ids in one request's logit_bias", type=positive_int)
 
+    # Prefill/decode disaggregation (disaggregation/, docs/disaggregation.md): SGLang's
+    # flags. A prefill server serves the bootstrap port the router's --prefill names.
+    disaggregation_mode: str = _flag(
+        "null", "this server's role: null (prefill and decode), prefill or decode",
+        choices=DISAGGREGATION_MODES)
+    disaggregation_bootstrap_port: int = _flag(
+        8998, "prefill server: port of the bootstrap server decode servers pair through",
+        type=port_number)
+    disaggregation_transfer_backend: str = _flag(
+        "mooncake", "engine that moves KV pages between prefill and decode servers",
+        choices=TRANSFER_BACKENDS)
+    disaggregation_ib_device: str | None = _flag(
+        None, "RDMA device(s) for the transfer engine, e.g. mlx5_0",
+        default_help="none: the engine's TCP protocol")
+    disaggregation_bootstrap_timeout: float = _flag(
+        300.0, "seconds one half of a request waits for the other to reach its server (a "
+        "prefilled request's KV for its decode server's claim, a claim for its prefill)",
+        type=positive_float)
+    disaggregation_waiting_timeout: float = _flag(
+        300.0, "seconds a decode server waits for KV room, then for the KV to arrive",
+        type=positive_float)
+
     # Multimodal inputs (images and videos for vision-language models; multimodal/,
     # docs/multimodal.md). The first three are SGLang's flags.
     mm_process_config: str | None = _flag(
@@ -528,6 +552,7 @@ class ServerArgs:
             self._verify_embedding_architecture()
         self.request_limits()  # each limit >= 1
         self.multimodal_config()  # the JSON flags parse
+        self._verify_disaggregation()
 
     def multimodal_config(self) -> MultimodalConfig:
         """What the multimodal path reads (processing, limits, the embedding cache)."""
@@ -648,6 +673,34 @@ class ServerArgs:
             raise ValueError(f"dist_init_addr must be HOST:PORT, got {self.dist_init_addr!r}")
         if self.dist_timeout is not None and self.dist_timeout <= 0:
             raise ValueError("dist_timeout must be a positive number of seconds")
+
+    def _verify_disaggregation(self) -> None:
+        _check_choice("disaggregation_mode", self.disaggregation_mode, DISAGGREGATION_MODES)
+        _check_choice("disaggregation_transfer_backend", self.disaggregation_transfer_backend,
+                      TRANSFER_BACKENDS)
+        if self.disaggregation_mode == "null":
+            return
+        if self.disaggregation_transfer_backend == "nixl":
+            raise ValueError("--disaggregation-transfer-backend nixl is not supported yet; "
+                             "use mooncake")
+        if self.tp_size > 1 or self.dp_size > 1 or self.nnodes > 1:
+            raise ValueError("--disaggregation-mode needs --tp-size 1, --dp-size 1 and "
+                             "--nnodes 1 for now (one KV pool per server)")
+        if self.speculative_algorithm is not None:
+            raise ValueError("--disaggregation-mode does not combine with "
+                             "--speculative-algorithm yet")
+        if self.disaggregation_mode == "prefill" and \
+                self.disaggregation_bootstrap_port == self.port:
+            raise ValueError("--disaggregation-bootstrap-port must differ from --port")
+
+    def disaggregation_config(self) -> DisaggregationConfig:
+        """What the prefill and decode roles (disaggregation/) read."""
+        return DisaggregationConfig(
+            mode=self.disaggregation_mode, bootstrap_port=self.disaggregation_bootstrap_port,
+            transfer_backend=self.disaggregation_transfer_backend,
+            ib_device=self.disaggregation_ib_device, host=self.host,
+            bootstrap_timeout_s=self.disaggregation_bootstrap_timeout,
+            waiting_timeout_s=self.disaggregation_waiting_timeout)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -65,10 +65,27 @@ def start_router(worker_urls: list[str], policy: str, *extra: str,
     """A router over `worker_urls` with `--policy policy`, ready to route once
     `expect_workers` (default: one per URL; --dp-aware lists one per DP rank) are
     healthy in its /workers list."""
+    return _start(["--policy", policy, "--worker-urls", *worker_urls, *extra],
+                  expect_workers or len(worker_urls), api_key)
+
+
+def start_pd_router(prefills: list[tuple[str, int]], decodes: list[str], *extra: str
+                    ) -> Router:
+    """A prefill/decode router (`--pd-disaggregation`): each prefill server with its
+    bootstrap port, then the decode servers."""
+    args = ["--pd-disaggregation"]
+    for url, bootstrap_port in prefills:
+        args += ["--prefill", url, str(bootstrap_port)]
+    for url in decodes:
+        args += ["--decode", url]
+    return _start([*args, *extra], len(prefills) + len(decodes), None)
+
+
+def _start(args: list[str], num_workers: int, api_key: str | None) -> Router:
     for attempt in range(_BIND_ATTEMPTS):
-        router = _launch(worker_urls, policy, extra, api_key)
+        router = _launch(args, api_key)
         try:
-            _wait_ready(router, expect_workers or len(worker_urls))
+            _wait_ready(router, num_workers)
             return router
         except _BindLost:
             router.stop()
@@ -85,15 +102,13 @@ class _BindLost(Exception):
     pass
 
 
-def _launch(worker_urls: list[str], policy: str, extra: tuple[str, ...],
-            api_key: str | None) -> Router:
+def _launch(args: list[str], api_key: str | None) -> Router:
     port, prometheus_port = free_port(), free_port()
     log_path = os.path.join(os.environ.get("TMPDIR", "/tmp"),
                             f"radixserve-test-router-{port}.log")
     cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
            "--port", str(port), "--prometheus-host", "127.0.0.1",
-           "--prometheus-port", str(prometheus_port), "--policy", policy,
-           "--log-level", "warn", "--worker-urls", *worker_urls, *extra]
+           "--prometheus-port", str(prometheus_port), "--log-level", "warn", *args]
     if api_key:
         cmd += ["--api-key", api_key]
     with open(log_path, "w") as log:

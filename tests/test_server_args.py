@@ -89,6 +89,11 @@ def test_help_output() -> None:
     (["--mem-fraction-static", "1.5"], "--mem-fraction-static"),
     (["--tp-size", "two"], "--tp-size"),
     (["--nnodes", "2", "--node-rank", "5"], None),  # a check across flags
+    (["--disaggregation-mode", "both"], "--disaggregation-mode"),
+    (["--disaggregation-bootstrap-port", "70000"], "--disaggregation-bootstrap-port"),
+    (["--disaggregation-waiting-timeout", "0"], "--disaggregation-waiting-timeout"),
+    (["--disaggregation-mode", "decode", "--tp-size", "2"], None),
+    (["--disaggregation-mode", "prefill", "--disaggregation-transfer-backend", "nixl"], None),
 ])
 def test_bad_value_is_one_argparse_error(argv: list[str], flag: str | None) -> None:
     out = _launch(*argv)

@@ -94,6 +94,15 @@ class Req:
         # prefilled again must not compute them twice).
         self.input_logprobs_done = False
 
+        # Prefill/decode disaggregation: where the prefill server's bootstrap server
+        # listens and the room that pairs this request's two halves (None elsewhere).
+        self.bootstrap_host: str | None = None
+        self.bootstrap_port: int | None = None
+        self.bootstrap_room: int | None = None
+        # While set, finishing keeps the request's KV: a prefill server still has to
+        # send it to the decode server.
+        self.kv_pinned = False
+
     # --- state -------------------------------------------------------------------
 
     @property

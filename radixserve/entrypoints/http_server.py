@@ -49,6 +49,7 @@ from radixserve.managers.launcher import (RankProcess, replica_port_args, serve_
 from radixserve.managers.request_validation import InvalidRequestError
 from radixserve.managers.tokenizer_manager import (
     GenerateReqInput,
+    RequestFailedError,
     ServerDeadError,
     TokenizerManager,
 )
@@ -247,6 +248,10 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs,
     @app.exception_handler(BodyTooLargeError)
     async def on_too_large(_request: Request, exc: BodyTooLargeError) -> JSONResponse:
         return _error(str(exc), None, 413)
+
+    @app.exception_handler(RequestFailedError)
+    async def on_failed(_request: Request, exc: RequestFailedError) -> JSONResponse:
+        return _error(exc.message, None, exc.status_code, "server_error")
 
     @app.exception_handler(ServerDeadError)
     async def on_dead(_request: Request, exc: ServerDeadError) -> JSONResponse:

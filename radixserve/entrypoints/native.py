@@ -29,6 +29,7 @@ from radixserve.entrypoints.openai.protocol import (
 from radixserve.managers.request_validation import InvalidRequestError
 from radixserve.managers.tokenizer_manager import (
     GenerateReqInput,
+    RequestFailedError,
     ServerDeadError,
     TokenizerManager,
 )
@@ -38,8 +39,7 @@ from radixserve.managers.tokenizer_manager import (
 _UNSUPPORTED: dict[str, Any] = {
     "input_embeds": None, "audio_data": None,
     "lora_path": None, "lora_id": None, "custom_logit_processor": None,
-    "token_ids_logprob": None, "session_params": None, "bootstrap_host": None,
-    "bootstrap_port": None, "bootstrap_room": None,
+    "token_ids_logprob": None, "session_params": None,
     "return_hidden_states": False, "return_routed_experts": False,
 }
 
@@ -62,6 +62,10 @@ class GenerateRequest(RequestModel):
     # SGLang clients call it routed_dp_rank.
     data_parallel_rank: Any = None
     routed_dp_rank: Any = None
+    # Prefill/decode disaggregation: the router sets these on both halves.
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
 
 
 def check_unsupported(body: Any) -> None:
@@ -108,4 +112,6 @@ async def _stream(outputs: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
         yield sse_event(error_body(exc.message, exc.param, 400))
     except ServerDeadError as exc:
         yield sse_event(error_body(str(exc), None, 503, "server_error"))
+    except RequestFailedError as exc:
+        yield sse_event(error_body(exc.message, None, exc.status_code, "server_error"))
     yield SSE_DONE

@@ -31,6 +31,11 @@ class TokenizedGenerateReqInput:
     mm_inputs: Any = None
     # The DP replica the client (sglang-router --dp-aware) chose; None: ours chooses.
     data_parallel_rank: int | None = None
+    # Prefill/decode disaggregation (SGLang's fields, set by the router): the prefill
+    # server's bootstrap address and the room pairing the prefill and decode halves.
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
 
 
 @dataclass

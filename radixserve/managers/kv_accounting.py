@@ -143,10 +143,21 @@ class KVAccounting:
             req.last_loc = int(req.prefix_indices[-1])
 
     def release(self, req: Req) -> None:
-        """Return everything the request holds to the cache (finished or retracted)."""
-        if req.req_pool_idx is not None:
+        """Return everything the request holds to the cache (finished or retracted).
+        A pinned request (its KV still being sent to a decode server) keeps it; its
+        owner releases it once the pin is lifted."""
+        if req.req_pool_idx is not None and not req.kv_pinned:
             self.tree_cache.cache_finished_req(req)
             req.req_pool_idx = None
+
+    def discard(self, req: Req, num_tokens: int) -> None:
+        """Free the first `num_tokens` slots of a request that never computed them (KV
+        pre-allocated for pages that did not arrive) without caching them: their
+        contents are not the prompt's KV."""
+        if req.req_pool_idx is None:
+            return
+        free_row_tail(self.req_to_token_pool, self.allocator, req.req_pool_idx, 0, num_tokens)
+        self.release_row(req)
 
     def rollback(self, req: Req, num_tokens: int) -> None:
         """Give back the KV of the request's newest `num_tokens` committed positions

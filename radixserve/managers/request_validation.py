@@ -255,6 +255,7 @@ class RequestValidator:
                 or isinstance(req.data_parallel_rank, bool) or req.data_parallel_rank < 0):
             raise InvalidRequestError("data_parallel_rank must be a non-negative integer",
                                       "data_parallel_rank")
+        self.check_bootstrap(req.bootstrap_host, req.bootstrap_port, req.bootstrap_room)
         self._check_sent_params(req.sampling_params)
         # A prefill-only request (embeddings, scores) may fill the whole context.
         self.check_prompt_ids(req.input_ids,
@@ -387,6 +388,21 @@ class RequestValidator:
                 f"data_parallel_rank must be an integer in [0, {dp_size - 1}] (--dp-size "
                 f"{dp_size}), got {value!r}", "data_parallel_rank")
         return value
+
+    @staticmethod
+    def check_bootstrap(host: Any, port: Any, room: Any) -> None:
+        """The disaggregation fields: all unset, or a host, a port and a room."""
+        if host is None and port is None and room is None:
+            return
+        if not isinstance(host, str) or not host:
+            raise InvalidRequestError("bootstrap_host must be a non-empty string",
+                                      "bootstrap_host")
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise InvalidRequestError("bootstrap_port must be a port number (1-65535)",
+                                      "bootstrap_port")
+        if not isinstance(room, int) or isinstance(room, bool) or not 0 <= room < 1 << 63:
+            raise InvalidRequestError("bootstrap_room must be an integer in [0, 2^63)",
+                                      "bootstrap_room")
 
     def check_top_logprobs_num(self, value: Any) -> int:
         if value is None:

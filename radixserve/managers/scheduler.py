@@ -38,7 +38,7 @@ from radixserve.managers.io_struct import (BatchTokenIDOut, ExpertDistributionRe
 from radixserve.managers.kv_accounting import KVAccounting, make_prefix_cache
 from radixserve.managers.output_processor import OutputProcessor
 from radixserve.managers.prefill_admission import NewTokenRatio, PrefillAdmission
-from radixserve.managers.request_role import ColocatedRole, RequestRole
+from radixserve.managers.request_role import RequestRole, make_role
 from radixserve.managers.request_validation import ModelLimits, RequestValidator, limits_from
 from radixserve.managers.schedule_policy import SchedulePolicy
 from radixserve.managers.scheduler_config import SchedulerConfig
@@ -52,6 +52,10 @@ from radixserve.speculative import make_batch_worker
 logger = logging.getLogger(__name__)
 
 Launched = tuple[ScheduleBatch, PendingBatch]
+
+# How long a step with nothing to run but requests whose KV is on its way waits for news
+# (new requests are only read between steps).
+_ROLE_IDLE_WAIT_S = 0.005
 
 
 class Scheduler(SchedulerInterface):
@@ -88,7 +92,6 @@ class Scheduler(SchedulerInterface):
         self.grammar = GrammarManager(server_args.grammar_backend, self.tokenizer,
                                       self.model_config.vocab_size,
                                       self.model_config.eos_token_ids)
-        self.role: RequestRole = ColocatedRole()
         self.stats = SchedulerStats()
         ratio = NewTokenRatio(config.init_new_token_ratio)
         self.waiting_queue: list[Req] = []
@@ -106,6 +109,9 @@ class Scheduler(SchedulerInterface):
         self.overlap = config.overlap_on(mr.device.type)
         self._in_flight: Launched | None = None
         self.output.hooks.append(FinishedRequestCounter(self.stats))
+        self.role: RequestRole = make_role(server_args.disaggregation_config(), self.kv,
+                                           mr.token_to_kv_pool, config.page_size,
+                                           self.output, self.abort_request)
         attach_observers(self, server_args, dp_rank)  # batch log lines, metrics
 
     @property
@@ -144,8 +150,15 @@ class Scheduler(SchedulerInterface):
                   return_logprob=recv.return_logprob, logprob_start_len=recv.logprob_start_len,
                   top_logprobs_num=recv.top_logprobs_num, stream=recv.stream,
                   eos_token_ids=self.model_config.eos_token_ids, mm_inputs=recv.mm_inputs)
+        req.bootstrap_host, req.bootstrap_port = recv.bootstrap_host, recv.bootstrap_port
+        req.bootstrap_room = recv.bootstrap_room
         if recv.rid in self._rids:
             self._reject(req, f"duplicate request id {recv.rid!r}")
+            return
+        try:
+            self.role.check_request(req)
+        except ValueError as e:
+            self._reject(req, str(e))
             return
         try:
             self.grammar.add_request(req)  # starts compiling its grammar, if any
@@ -162,7 +175,7 @@ class Scheduler(SchedulerInterface):
                 req.input_token_logprobs.append((None, req.origin_input_ids[0]))
                 req.input_top_logprobs.append(None)
         self._rids[recv.rid] = req
-        self.waiting_queue.append(req)
+        self.role.enqueue(req, self.waiting_queue)
 
     def _reject(self, req: Req, message: str, param: str | None = None) -> None:
         req.finished_reason = {"type": "abort", "status_code": 400, "message": message}
@@ -170,13 +183,15 @@ class Scheduler(SchedulerInterface):
             req.finished_reason["param"] = param
         self.output.emit(req)
 
-    def abort_request(self, rid: str) -> None:
+    def abort_request(self, rid: str, reason: dict[str, Any] | None = None) -> None:
+        """`reason`: what a queued request ends with (default: the client aborted it)."""
         req = self._rids.get(rid)
         if req is None:
             return
         if req in self.waiting_queue:
             self.waiting_queue.remove(req)
-            self.output.finish(req, {"type": "abort", "message": "aborted by the client"})
+            self.output.finish(req, reason or {"type": "abort",
+                                               "message": "aborted by the client"})
         else:
             # Running or mid-prefill: released at the start of the next step, outside
             # any forward that may be using its KV.
@@ -186,13 +201,17 @@ class Scheduler(SchedulerInterface):
 
     def has_work(self) -> bool:
         return bool(self.waiting_queue or self.running or self.chunked_req
-                    or self.output.has_news() or self._in_flight)
+                    or self.output.has_news() or self._in_flight or self.role.has_work())
 
     def step(self) -> BatchTokenIDOut | None:
         """One iteration: pick → run → process (overlapped: process the previous batch
         while the device runs the one just launched)."""
         t0 = time.perf_counter()
         self.worker.last_wait_s = 0.0
+        self.running.extend(self.role.poll())
+        if not (self.waiting_queue or self.running or self.chunked_req or self._in_flight
+                or self.output.has_news()):
+            self.role.idle_wait(_ROLE_IDLE_WAIT_S)  # only KV on its way: do not spin
         if self.overlap:
             self._step_overlapped()
         else:
@@ -325,7 +344,8 @@ class Scheduler(SchedulerInterface):
 
     def flush_cache(self) -> bool:
         """Drop the radix cache; refused while requests hold KV."""
-        if self.running or self.chunked_req or self.waiting_queue or self._in_flight:
+        if self.running or self.chunked_req or self.waiting_queue or self._in_flight \
+                or self.role.num_held():
             return False
         self.kv.tree_cache.reset()
         return True
@@ -348,7 +368,7 @@ class Scheduler(SchedulerInterface):
             evictable_tokens=cache.evictable_size(),
             protected_tokens=cache.protected_size(),
             num_running_reqs=len(self.running) + (1 if self.chunked_req else 0),
-            num_waiting_reqs=len(self.waiting_queue),
+            num_waiting_reqs=len(self.waiting_queue) + self.role.num_held(),
             num_retractions=self.stats.num_retractions,
             total_prefill_tokens=self.stats.total_prefill_tokens,
             total_cached_tokens=self.stats.total_cached_tokens,

@@ -53,6 +53,16 @@ class ServerDeadError(RuntimeError):
     """The scheduler or detokenizer process is gone; requests cannot complete."""
 
 
+class RequestFailedError(RuntimeError):
+    """The server could not complete a valid request (e.g. its KV never arrived from the
+    prefill server); the HTTP layer answers `status_code` with the message."""
+
+    def __init__(self, message: str, status_code: int = 500) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+
+
 class Disconnectable(Protocol):
     async def is_disconnected(self) -> bool: ...
 
@@ -76,6 +86,10 @@ class GenerateReqInput:
     video_data: Any = None
     media: list[Any] | None = None
     data_parallel_rank: Any = None  # SGLang's field: the DP replica to run on
+    # Prefill/decode disaggregation (set by the router on both halves of a request).
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
 
 
 @dataclass
@@ -229,6 +243,9 @@ class TokenizerManager:
                 if reason.get("status_code") == 400:
                     raise InvalidRequestError(reason.get("message", "invalid request"),
                                               reason.get("param"))
+                if isinstance(reason.get("status_code"), int) and reason["status_code"] >= 500:
+                    raise RequestFailedError(reason.get("message", "request failed"),
+                                             reason["status_code"])
                 if not (stream or state.finished):
                     continue
                 output = self._snapshot(state)
@@ -303,6 +320,19 @@ class TokenizerManager:
 
     def _tokenize_and_validate(self, obj: GenerateReqInput) -> list[TokenizedGenerateReqInput]:
         """The shared rules (request_validation.py), the same as the offline Engine's."""
+        try:
+            return self._tokenize_and_validate_one(obj)
+        except InvalidRequestError as exc:
+            if self.server_args.disaggregation_mode == "decode":
+                # The prefill half of this request is already running: free it now.
+                from radixserve.disaggregation.bootstrap import tell_abort
+
+                tell_abort(obj.bootstrap_host, obj.bootstrap_port, obj.bootstrap_room,
+                           f"the decode server refused the request: {exc.message}")
+            raise
+
+    def _tokenize_and_validate_one(self, obj: GenerateReqInput
+                                   ) -> list[TokenizedGenerateReqInput]:
         rank = self.validator.check_data_parallel_rank(obj.data_parallel_rank,
                                                        self.server_args.dp_size)
         if obj.media is not None or obj.image_data is not None or obj.video_data is not None:
@@ -314,7 +344,33 @@ class TokenizerManager:
                 top_logprobs_num=obj.top_logprobs_num, stream=obj.stream, rid=obj.rid)
         for req in reqs:
             req.data_parallel_rank = rank
+        self._attach_bootstrap(obj, reqs)
         return reqs
+
+    def _attach_bootstrap(self, obj: GenerateReqInput,
+                          reqs: list[TokenizedGenerateReqInput]) -> None:
+        """A prefill or decode server serves only requests paired through a bootstrap
+        room (the router adds it); any other server refuses one."""
+        mode = self.server_args.disaggregation_mode
+        self.validator.check_bootstrap(obj.bootstrap_host, obj.bootstrap_port,
+                                       obj.bootstrap_room)
+        if obj.bootstrap_room is None:
+            if mode != "null":
+                raise InvalidRequestError(
+                    f"this is a {mode} server (--disaggregation-mode {mode}): send requests "
+                    f"through the router, which adds bootstrap_host, bootstrap_port and "
+                    f"bootstrap_room", "bootstrap_room")
+            return
+        if mode == "null":
+            raise InvalidRequestError("bootstrap_room is for prefill and decode servers "
+                                      "(--disaggregation-mode); this one is neither",
+                                      "bootstrap_room")
+        if len(reqs) != 1:
+            raise InvalidRequestError("a disaggregated request has one prompt and n = 1 "
+                                      "(one bootstrap room)", "bootstrap_room")
+        reqs[0].bootstrap_host = obj.bootstrap_host
+        reqs[0].bootstrap_port = obj.bootstrap_port
+        reqs[0].bootstrap_room = obj.bootstrap_room
 
     def media_preparer(self) -> Any:
         """The model's image/video processing (multimodal_requests.MediaPreparer), made on

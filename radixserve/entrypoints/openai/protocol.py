@@ -95,6 +95,14 @@ class _SamplingRequest(RequestModel):
     ebnf: str | None = None
     logit_bias: dict[str, Any] | None = None
     data_parallel_rank: Any = None  # SGLang's: the DP replica (sglang-router --dp-aware)
+    # Prefill/decode disaggregation: the router sets these on both halves.
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
+
+    def bootstrap_fields(self) -> dict[str, Any]:
+        return {"bootstrap_host": self.bootstrap_host, "bootstrap_port": self.bootstrap_port,
+                "bootstrap_room": self.bootstrap_room}
 
     def sampling_params(self, max_new_tokens: int | None) -> dict[str, Any]:
         """None for max_new_tokens means: whatever the context has left."""

@@ -104,7 +104,8 @@ async def create_chat_completion(tm: TokenizerManager, req: ChatCompletionReques
         input_ids=ids, media=[media] if media else None,
         sampling_params=sampling_params(req, plan), stream=req.stream,
         return_logprob=req.logprobs, top_logprobs_num=req.top_logprobs or 0,
-        return_text_in_logprobs=True, data_parallel_rank=req.data_parallel_rank)
+        return_text_in_logprobs=True, data_parallel_rank=req.data_parallel_rank,
+        **req.bootstrap_fields())
     try:
         outputs = await tm.generate(obj, None if req.stream else request)
     except InvalidRequestError as exc:

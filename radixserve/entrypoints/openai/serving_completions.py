@@ -23,6 +23,7 @@ from radixserve.entrypoints.openai.protocol import (
 from radixserve.managers.request_validation import InvalidRequestError
 from radixserve.managers.tokenizer_manager import (
     GenerateReqInput,
+    RequestFailedError,
     ServerDeadError,
     TokenizerManager,
 )
@@ -74,6 +75,8 @@ async def sse_events(chunks: AsyncIterator[tuple[dict[str, Any], dict[str, Any]]
         yield sse_event(error_body(exc.message, exc.param, 400))
     except ServerDeadError as exc:
         yield sse_event(error_body(str(exc), None, 503, "server_error"))
+    except RequestFailedError as exc:
+        yield sse_event(error_body(exc.message, None, exc.status_code, "server_error"))
     yield SSE_DONE
 
 
@@ -85,7 +88,8 @@ async def create_completion(tm: TokenizerManager, req: CompletionRequest,
         text=texts, input_ids=ids, sampling_params=req.sampling_params(req.max_tokens),
         stream=req.stream, return_logprob=want_logprobs, top_logprobs_num=req.logprobs or 0,
         logprob_start_len=0 if req.echo and want_logprobs else -1,
-        return_text_in_logprobs=True, data_parallel_rank=req.data_parallel_rank)
+        return_text_in_logprobs=True, data_parallel_rank=req.data_parallel_rank,
+        **req.bootstrap_fields())
     try:
         outputs = await tm.generate(obj, None if req.stream else request)
     except InvalidRequestError as exc:
