@@ -61,8 +61,11 @@ class Side:
 
 
 def _config(mode: str, port: int) -> DisaggregationConfig:
-    return DisaggregationConfig(mode=mode, bootstrap_port=port, bootstrap_timeout_s=2.0,
-                                waiting_timeout_s=4.0)
+    # Pairing (claim, then the first status reply) must fit in the bootstrap timeout even
+    # on a loaded 2-core CI machine (a tighter one was missed there), and the KV wait must end
+    # well after it, so that each timeout test sees the timeout it is about.
+    return DisaggregationConfig(mode=mode, bootstrap_port=port, bootstrap_timeout_s=5.0,
+                                waiting_timeout_s=9.0)
 
 
 def _req(rid: str, prompt: list[int], port: int, room: int) -> Req:
